@@ -1,0 +1,27 @@
+"""npattn: Transformer attention in plain array code, with hand-derived, finite-difference-checked
+backward passes. The public names are those of SPEC.md."""
+
+from .gradcheck import GradcheckReport, GradcheckRow, gradcheck
+from .ops import (
+    AttentionCache,
+    LinearCache,
+    SoftmaxCache,
+    attention_backward,
+    attention_forward,
+    linear_backward,
+    linear_forward,
+    softmax,
+    softmax_backward,
+    softmax_forward,
+    softmax_jacobian,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AttentionCache", "LinearCache", "SoftmaxCache",
+    "attention_backward", "attention_forward",
+    "linear_backward", "linear_forward",
+    "softmax", "softmax_backward", "softmax_forward", "softmax_jacobian",
+    "gradcheck", "GradcheckReport", "GradcheckRow",
+]

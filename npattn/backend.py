@@ -1,0 +1,150 @@
+"""Array namespace from the inputs, and the validation every op shares.
+
+npattn has no global backend switch: the array library is read from the arrays an op is given
+(``xp = namespace(q=q, k=k, v=v)``), so NumPy in gives NumPy out, CuPy in gives CuPy out, and
+``array_api_strict`` in proves that only the array API standard was used on the way.
+
+Numerics policy and dtype rules: derivations/00-notation.md, section "Numerics".
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import numpy as np
+from array_api_compat import array_namespace, device, is_array_api_obj
+
+__all__ = [
+    "namespace",
+    "check_float",
+    "check_same_dtype",
+    "compute_dtype",
+    "to_compute",
+    "check_mask",
+    "pad_dims",
+    "check_scale",
+    "check_block",
+    "host_rng",
+    "from_numpy",
+    "device",
+]
+
+
+def _library(x) -> str:
+    """Short name of the library an array belongs to, for error messages."""
+    return type(x).__module__.split(".")[0]
+
+
+def namespace(**arrays):
+    """The array namespace shared by the named arrays (None values are skipped).
+
+    Raises ``TypeError`` naming the arguments when they come from different array libraries,
+    or when an argument is not an array at all.
+    """
+    given = {name: x for name, x in arrays.items() if x is not None}
+    for name, x in given.items():
+        if not is_array_api_obj(x):
+            raise TypeError(f"{name} must be an array, got {type(x).__name__}")
+    libraries = {name: _library(x) for name, x in given.items()}
+    if len(set(libraries.values())) > 1:
+        listed = ", ".join(f"{name} is {lib}" for name, lib in libraries.items())
+        raise TypeError(f"all arrays must come from one array library: {listed}")
+    return array_namespace(*given.values())
+
+
+def check_float(xp, name: str, x) -> None:
+    """Reject integer, bool and complex data: ops are defined on real floating arrays."""
+    if not xp.isdtype(x.dtype, "real floating"):
+        raise TypeError(f"{name} must be a real floating array, got dtype {x.dtype}")
+
+
+def check_same_dtype(**arrays) -> None:
+    """All named arrays (None skipped) must share one dtype; npattn never casts silently."""
+    given = {name: x for name, x in arrays.items() if x is not None}
+    dtypes = {name: x.dtype for name, x in given.items()}
+    if len(set(dtypes.values())) > 1:
+        listed = ", ".join(f"{name} is {dt}" for name, dt in dtypes.items())
+        raise TypeError(f"arrays must share one dtype: {listed}")
+
+
+def compute_dtype(xp, dtype):
+    """The dtype arithmetic runs in: float16 is accumulated in float32, others as they are."""
+    float16 = getattr(xp, "float16", None)
+    if float16 is not None and dtype == float16:
+        return xp.float32
+    return dtype
+
+
+def to_compute(xp, x):
+    """``x`` in its compute dtype (a copy only for float16)."""
+    ct = compute_dtype(xp, x.dtype)
+    return x if x.dtype == ct else xp.astype(x, ct)
+
+
+def check_scale(scale, d: int) -> float:
+    """``scale`` or its default ``1/sqrt(D)``; must be a finite real number."""
+    if scale is None:
+        return 1.0 / math.sqrt(d)
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+        raise TypeError(f"scale must be a finite real number or None, got {scale!r}")
+    return float(scale)
+
+
+def check_block(name: str, value) -> int:
+    """Tile sizes are integers >= 1 (they need not divide the sequence length)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return int(value)
+
+
+def pad_dims(x, ndim: int, xp):
+    """Prepend size-1 axes so that ``x.ndim == ndim`` (a view, never a copy)."""
+    if x.ndim == ndim:
+        return x
+    return xp.reshape(x, (1,) * (ndim - x.ndim) + tuple(x.shape))
+
+
+def check_mask(xp, mask, scores_shape: tuple, dtype):
+    """Validate an attention mask against the scores' shape ``(..., N, M)``.
+
+    A bool mask (True = may attend) or a float mask of the inputs' dtype (added to the scores).
+    It must broadcast *to* ``scores_shape``: no more axes, and each axis 1 or equal.
+    Returns the mask with axes prepended to the scores' ndim.
+    """
+    if mask is None:
+        return None
+    if not (xp.isdtype(mask.dtype, "bool") or xp.isdtype(mask.dtype, "real floating")):
+        raise TypeError(f"mask must be a bool or floating array, got dtype {mask.dtype}")
+    if xp.isdtype(mask.dtype, "real floating") and mask.dtype != dtype:
+        raise TypeError(
+            f"a float mask must have the inputs' dtype {dtype}, got {mask.dtype} "
+            "(a bool mask may be used with any dtype)"
+        )
+    shape = tuple(mask.shape)
+    fits = len(shape) <= len(scores_shape) and all(
+        m in (1, s) for m, s in zip(reversed(shape), reversed(scores_shape))
+    )
+    if not fits:
+        raise ValueError(f"mask of shape {shape} does not broadcast to the scores' shape {tuple(scores_shape)}")
+    return pad_dims(mask, len(scores_shape), xp)
+
+
+def host_rng(rng) -> np.random.Generator:
+    """A NumPy Generator from ``rng`` (a Generator, an int seed, or None for fresh entropy).
+
+    Dropout masks are drawn on the host with NumPy so that one seed gives the same mask on
+    every array library; they are then moved to the inputs' library with ``from_numpy``.
+    """
+    if rng is None or (isinstance(rng, numbers.Integral) and not isinstance(rng, bool)):
+        return np.random.default_rng(rng)
+    if isinstance(rng, np.random.Generator):
+        return rng
+    raise TypeError(f"rng must be a numpy.random.Generator, an int seed or None, got {type(rng).__name__}")
+
+
+def from_numpy(xp, a: np.ndarray, like):
+    """Move a host NumPy array into ``xp`` on the device of the array ``like``."""
+    return xp.asarray(a, device=device(like))

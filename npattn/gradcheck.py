@@ -1,0 +1,153 @@
+"""Finite-difference gradient checking for any forward/backward pair.
+
+The pair protocol is all this module knows: ``forward(*inputs, **kwargs) -> (out, cache)`` and
+``backward(dout, cache) -> grads`` in the order of ``inputs``. A forward may return a tuple of
+outputs (e.g. ``(o, lse)``); then ``dout`` is a tuple too.
+
+The loss is ``L = sum_k sum(out_k * dout_k)`` with a random ``dout`` (never all ones: the gradient
+of ``sum(softmax(x))`` is identically zero, which would make the check empty). Its derivative is
+estimated by central differences in float64, ``(L(x + eps e) - L(x - eps e)) / (2 eps)``, whose
+truncation error is O(eps^2) (derivations/00-notation.md, eq. (0.1)).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+
+from .backend import device, from_numpy, namespace
+
+__all__ = ["gradcheck", "GradcheckReport", "GradcheckRow"]
+
+
+class GradcheckRow(NamedTuple):
+    """One input's verdict. ``max_rel_err`` is ``max_abs_err / max|numeric|`` (the error relative
+    to the size of the gradient, so entries that are near zero do not blow it up)."""
+
+    name: str
+    shape: tuple
+    max_abs_err: float
+    max_rel_err: float
+    ok: bool
+
+
+@dataclass(frozen=True)
+class GradcheckReport:
+    """The result of ``gradcheck``: ``.ok`` is True iff every row is ok."""
+
+    rows: tuple
+    mode: str
+
+    @property
+    def ok(self) -> bool:
+        return all(row.ok for row in self.rows)
+
+    def __str__(self) -> str:
+        lines = [f"{'input':<8} {'shape':<20} {'max abs err':>12} {'max rel err':>12}  ok"]
+        for r in self.rows:
+            lines.append(f"{r.name:<8} {str(r.shape):<20} {r.max_abs_err:>12.3e} {r.max_rel_err:>12.3e}  "
+                         f"{'yes' if r.ok else 'NO'}")
+        return "\n".join(lines)
+
+
+def _as_tuple(x):
+    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
+
+
+def gradcheck(forward, backward, inputs, *, kwargs=None, eps=1e-6, rtol=1e-6, atol=1e-9,
+              mode="full", seed=0, directions=8):
+    """Compare ``backward`` with central differences of ``sum(forward(*inputs) * dout)``.
+
+    Parameters
+    ----------
+    forward, backward : a functional pair (see SPEC.md).
+    inputs : dict name -> array, or a sequence (named ``arg0, arg1, ...``)
+        The forward's array arguments, in the forward's positional order. A None entry (e.g. no
+        bias) is passed through and gets no row.
+    kwargs : dict, optional
+        Passed to ``forward`` on every call. Dropout must get an int seed, not a Generator, so
+        that every call draws the same mask.
+    eps : float
+        Finite-difference step, applied to float64 copies of the inputs.
+    rtol, atol : float
+        A row is ok when ``max|analytic - numeric| <= atol + rtol * max|numeric|``.
+    mode : "full" or "directional"
+        "full" perturbs every element; "directional" checks ``<grad, u>`` along ``directions``
+        random unit directions ``u`` per input, for inputs too large for the full check.
+    seed : int
+        Seeds ``dout`` and the directions.
+
+    Returns
+    -------
+    GradcheckReport with ``.ok`` and ``.rows`` (name, shape, max_abs_err, max_rel_err, ok).
+
+    The analytic backward runs on the inputs as given (their dtype); the numeric derivative always
+    runs on float64 copies, so a float32 pair is compared against its float64 ground truth.
+    """
+    if mode not in ("full", "directional"):
+        raise ValueError(f"mode must be 'full' or 'directional', got {mode!r}")
+    if not eps > 0:
+        raise ValueError(f"eps must be > 0, got {eps}")
+    kwargs = dict(kwargs or {})
+    if isinstance(inputs, dict):
+        names, arrays = list(inputs), list(inputs.values())
+    else:
+        arrays = list(inputs)
+        names = [f"arg{i}" for i in range(len(arrays))]
+    xp = namespace(**{name: a for name, a in zip(names, arrays)})
+    rng = np.random.default_rng(seed)
+    like = next(a for a in arrays if a is not None)
+
+    # analytic: one forward and one backward with a random dout per output
+    out, cache = forward(*arrays, **kwargs)
+    outs = _as_tuple(out)
+    douts = tuple(xp.astype(from_numpy(xp, rng.standard_normal(tuple(o.shape)), like), o.dtype) for o in outs)
+    grads = _as_tuple(backward(douts if isinstance(out, tuple) else douts[0], cache))
+    if len(grads) < len(arrays):
+        raise ValueError(f"backward returned {len(grads)} gradients for {len(arrays)} inputs")
+
+    # numeric: the same loss in float64
+    x64 = [None if a is None else xp.astype(a, xp.float64) for a in arrays]
+    d64 = [xp.astype(d, xp.float64) for d in douts]
+
+    def loss(xs) -> float:
+        res = _as_tuple(forward(*xs, **kwargs)[0])
+        return sum(float(xp.sum(xp.astype(o, xp.float64) * d)) for o, d in zip(res, d64))
+
+    def derivative(i, direction) -> float:
+        plus, minus = list(x64), list(x64)
+        plus[i] = x64[i] + eps * direction
+        minus[i] = x64[i] - eps * direction
+        return (loss(plus) - loss(minus)) / (2 * eps)
+
+    rows = []
+    for i, (name, a, grad) in enumerate(zip(names, arrays, grads)):
+        if a is None:
+            continue
+        shape = tuple(a.shape)
+        if grad is None or tuple(grad.shape) != shape:
+            rows.append(GradcheckRow(name, shape, float("inf"), float("inf"), False))
+            continue
+        g64 = xp.reshape(xp.astype(grad, xp.float64), (-1,))
+        size = g64.shape[0]
+        index = xp.arange(size, device=device(like))
+        if mode == "full":
+            numeric = [derivative(i, xp.reshape(xp.astype(index == t, xp.float64), shape)) for t in range(size)]
+            analytic = [float(g64[t]) for t in range(size)]  # one scalar per element
+        else:
+            numeric, analytic = [], []
+            for _ in range(directions):
+                u = rng.standard_normal(size)
+                u /= np.linalg.norm(u)
+                u_x = from_numpy(xp, u, like)
+                numeric.append(derivative(i, xp.reshape(u_x, shape)))
+                analytic.append(float(xp.sum(g64 * u_x)))
+        err = np.abs(np.asarray(analytic) - np.asarray(numeric))
+        scale = float(np.max(np.abs(numeric))) if numeric else 0.0
+        max_abs = float(np.max(err)) if err.size else 0.0
+        max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf"))
+        ok = bool(max_abs <= atol + rtol * scale)  # False for NaN
+        rows.append(GradcheckRow(name, shape, max_abs, max_rel, ok))
+    return GradcheckReport(rows=tuple(rows), mode=mode)

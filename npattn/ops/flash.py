@@ -1,0 +1,303 @@
+"""Tiled, memory-efficient attention mirroring FlashAttention-2: forward and backward.
+
+The same function as ``attention_forward`` (without dropout), computed tile by tile so that no
+``(N, M)`` array ever exists: the forward keeps the online-softmax state ``m_i, l_i, acc`` per query
+tile and saves only ``o`` and the log-sum-exp ``lse``; the backward recomputes each tile of ``p``
+from ``lse``. Extra memory is O(N) per head instead of O(N M).
+
+Shape legend as in ops/attention.py: ``q (..., H, N, D)``, ``k (..., G, M, D)``,
+``v (..., G, M, Dv)``, ``o (..., H, N, Dv)``, ``lse (..., H, N)``. Inside the loops a query tile of a
+kv group is ``(..., G, R*bq, ...)``: the group's ``R`` query heads stacked as rows, so each tile is
+one batched matmul against the group's single K/V tile (no repeated K/V), and ``p^T dout`` sums the
+group in the backward. ``bq <= block_q``, ``bk <= block_k`` (the last tiles may be ragged).
+
+Forward for query tile i (derivations/04-online-softmax.md):
+    m_i = -inf, l_i = 0, acc = 0
+    for each key tile j not entirely above the causal diagonal:
+        s     = scale * q_i k_j^T, masked                eq. (4.5)
+        m_new = max(m_i, rowmax(s))                       eq. (4.6)
+        alpha = exp(m_i - m_new)                          eq. (4.7)
+        p     = exp(s - m_new)                            eq. (4.7)
+        l_i   = alpha * l_i + rowsum(p)                   eq. (4.8)
+        acc   = alpha * acc + p v_j                       eq. (4.9)
+        m_i   = m_new
+    o_i = acc / l_i,  lse_i = m_i + log(l_i)             eq. (4.10)
+Backward (derivations/05-flash-backward.md):
+    delta = rowsum(dout * o) - dlse                       eqs. (5.3), (5.6)
+    for each key tile j, for each query tile i that can see it:
+        p    = exp(s - lse_i)                             eq. (5.4)
+        dv_j += p^T dout_i                                eq. (5.5)
+        dp   = dout_i v_j^T                               eq. (5.5)
+        ds   = p * (dp - delta_i)                         eq. (5.6)
+        dq_i += scale * ds k_j,  dk_j += scale * ds^T q_i eq. (5.5)
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Optional
+
+from ..backend import (
+    check_block,
+    check_float,
+    check_mask,
+    check_scale,
+    compute_dtype,
+    device,
+    namespace,
+    to_compute,
+)
+from .attention import causal_allowed, check_qkv
+
+__all__ = ["flash_attention_forward", "flash_attention_backward", "FlashCache", "FlashTile"]
+
+
+class FlashCache(NamedTuple):
+    """Saved by the forward: the inputs, the output ``o`` and the log-sum-exp ``lse`` per query row.
+
+    No array here has ``N*M`` elements (a mask is the caller's own array, kept by reference).
+    The backward recomputes every tile of ``p = exp(s - lse)`` from q, k and ``lse``.
+    """
+
+    q: object  # (..., H, N, D)
+    k: object  # (..., G, M, D)
+    v: object  # (..., G, M, Dv)
+    o: object  # (..., H, N, Dv), the inputs' dtype
+    lse: object  # (..., H, N), the compute dtype; -inf for rows that see no key
+    mask: object  # the caller's mask (padded to the scores' ndim) or None
+    causal: bool
+    scale: float
+    block_q: int
+    block_k: int
+
+
+class FlashTile(NamedTuple):
+    """The online-softmax state after one (query tile, key tile) step, for watching the loop.
+
+    ``m_i, l_i, alpha`` are ``(..., H, bq)`` views of the running max, running sum and the factor
+    that rescaled the old state in this step (derivations/04-online-softmax.md, eqs. (4.6)-(4.8)).
+    """
+
+    i: int  # query tile index; rows i*block_q : i*block_q + bq
+    j: int  # key tile index; keys j*block_k : j*block_k + bk
+    m_i: object
+    l_i: object
+    alpha: object
+
+
+class _Tiles:
+    """Tile bookkeeping shared by forward and backward: index ranges, the causal skip, and
+    slicing q-side arrays into the grouped ``(..., G, R*bq, C)`` layout and back."""
+
+    def __init__(self, xp, q, k, mask, causal, block_q, block_k, G, R):
+        self.xp, self.mask, self.causal = xp, mask, causal
+        self.n, self.m = q.shape[-2], k.shape[-2]
+        self.lead, self.G, self.R = tuple(q.shape[:-3]), G, R
+        self.rows = [(i0, min(i0 + block_q, self.n)) for i0 in range(0, self.n, block_q)]
+        self.cols = [(j0, min(j0 + block_k, self.m)) for j0 in range(0, self.m, block_k)]
+        self.neg_inf = xp.asarray(-xp.inf, dtype=compute_dtype(xp, q.dtype), device=device(q))
+        self.like = q
+
+    def visible(self, rows, cols) -> bool:
+        """False when causal hides the whole tile: its first key is past its last query's
+        diagonal, ``j0 > (i1 - 1) + M - N``. Such tiles are skipped, not computed and masked."""
+        return not self.causal or cols[0] <= rows[1] - 1 + self.m - self.n
+
+    def split(self, a, rows):
+        """q-side ``(..., H, N, C)`` -> tile ``(..., G, R*bq, C)`` (a view when R == 1)."""
+        xp, (i0, i1) = self.xp, rows
+        c = a.shape[-1]
+        a5 = xp.reshape(a, self.lead + (self.G, self.R, self.n, c))     # (..., G, R, N, C)
+        return xp.reshape(a5[..., i0:i1, :], self.lead + (self.G, self.R * (i1 - i0), c))
+
+    def join(self, tiles, c):
+        """The inverse of ``split`` over all query tiles: list of ``(..., G, R*bq, C)`` -> ``(..., H, N, C)``."""
+        xp = self.xp
+        parts = [xp.reshape(t, self.lead + (self.G, self.R, i1 - i0, c)) for t, (i0, i1) in zip(tiles, self.rows)]
+        joined = parts[0] if len(parts) == 1 else xp.concat(parts, axis=-2)   # (..., G, R, N, C)
+        return xp.reshape(joined, self.lead + (self.G * self.R, self.n, c))
+
+    def heads(self, x, rows):
+        """A row statistic ``(..., G, R*bq, 1)`` as ``(..., H, bq)`` (a view), for ``FlashTile``."""
+        return self.xp.reshape(x, self.lead + (self.G * self.R, rows[1] - rows[0]))
+
+    def scores_mask(self, s, rows, cols):
+        """Apply the float mask, the bool mask and causal to one score tile ``(..., G, R*bq, bk)``.
+        Derivation: derivations/03-attention.md, eqs. (3.2)-(3.3)."""
+        xp, mask = self.xp, self.mask
+        (i0, i1), (j0, j1) = rows, cols
+        causal_cut = self.causal and j1 - 1 > i0 + self.m - self.n   # tile straddles the diagonal
+        if mask is None and not causal_cut:
+            return s
+        tile_shape = self.lead + (self.G, self.R, i1 - i0, j1 - j0)
+        s5 = xp.reshape(s, tile_shape)                                  # (..., G, R, bq, bk)
+        allowed = None
+        if mask is not None:
+            mt = mask
+            mt = mt[..., i0:i1, :] if mt.shape[-2] != 1 else mt
+            mt = mt[..., j0:j1] if mt.shape[-1] != 1 else mt
+            h = mt.shape[-3]                                              # H or 1
+            mt = xp.reshape(mt, tuple(mt.shape[:-3]) + ((self.G, self.R) if h != 1 else (1, 1))
+                            + tuple(mt.shape[-2:]))                     # (..., G|1, R|1, bq|1, bk|1)
+            if xp.isdtype(mt.dtype, "bool"):
+                allowed = mt
+            else:
+                s5 = s5 + xp.astype(mt, s.dtype)
+        if causal_cut:
+            tri = causal_allowed(xp, rows, cols, self.n, self.m, like=self.like)   # (bq, bk)
+            allowed = tri if allowed is None else xp.logical_and(allowed, tri)
+        if allowed is not None:
+            s5 = xp.where(allowed, s5, self.neg_inf)
+        return xp.reshape(s5, tuple(s.shape))
+
+
+def flash_attention_forward(q, k, v, *, mask=None, causal=False, scale=None, block_q=64, block_k=64,
+                            on_tile: Optional[Callable[[FlashTile], None]] = None):
+    """Attention computed tile by tile with an online softmax (FlashAttention-2 forward).
+
+    Parameters
+    ----------
+    q, k, v, mask, causal, scale
+        As ``attention_forward`` (no dropout).
+    block_q, block_k : int >= 1
+        Query and key tile sizes; they need not divide N or M (the last tiles are ragged).
+    on_tile : callable, optional
+        Called with a ``FlashTile`` after every (query tile, key tile) step, to watch the online
+        softmax state; costs nothing when None.
+
+    Returns
+    -------
+    o : array (..., H, N, Dv), the inputs' dtype, equal to ``attention_forward``'s output.
+    cache : FlashCache, with ``cache.lse (..., H, N)`` (``-inf`` for rows that see no key).
+
+    Derivation: derivations/04-online-softmax.md, eqs. (4.5)-(4.10).
+    """
+    xp = namespace(q=q, k=k, v=v, mask=mask)
+    G, R = check_qkv(xp, q, k, v)
+    scale = check_scale(scale, q.shape[-1])
+    block_q, block_k = check_block("block_q", block_q), check_block("block_k", block_k)
+    if q.ndim == 2:                                   # one head: run as (1, N, D) and drop the axis
+        check_mask(xp, mask, (q.shape[0], k.shape[0]), q.dtype)
+        o, cache = flash_attention_forward(q[None, ...], k[None, ...], v[None, ...], mask=mask, causal=causal,
+                                           scale=scale, block_q=block_q, block_k=block_k, on_tile=on_tile)
+        return o[0, ...], cache._replace(q=q, k=k, v=v, o=o[0, ...], lse=cache.lse[0, ...])
+    m, dv = k.shape[-2], v.shape[-1]
+    mask = check_mask(xp, mask, tuple(q.shape[:-1]) + (m,), q.dtype)
+    t = _Tiles(xp, q, k, mask, causal, block_q, block_k, G, R)
+    qs = to_compute(xp, q) * scale                    # fold the scale into q once: O(N D) work
+    kc, vc = to_compute(xp, k), to_compute(xp, v)
+    zero = xp.zeros_like(t.neg_inf)
+
+    o_tiles, lse_tiles = [], []
+    for i, rows in enumerate(t.rows):
+        q_i = t.split(qs, rows)                                             # (..., G, R*bq, D)
+        m_i = l_i = acc = None                                              # -inf, 0, 0 before the first key tile
+        for j, cols in enumerate(t.cols):
+            if not t.visible(rows, cols):
+                break                                                       # every later tile is hidden too
+            k_j, v_j = kc[..., cols[0]:cols[1], :], vc[..., cols[0]:cols[1], :]   # (..., G, bk, D|Dv)
+            s = t.scores_mask(q_i @ k_j.mT, rows, cols)                     # (..., G, R*bq, bk)   eq. (4.5)
+            m_tile = xp.max(s, axis=-1, keepdims=True)                      # (..., G, R*bq, 1)
+            m_new = m_tile if m_i is None else xp.maximum(m_i, m_tile)      # eq. (4.6)
+            m_safe = xp.where(m_new == -xp.inf, zero, m_new)                # all -inf so far: shift by 0
+            p = xp.exp(s - m_safe)                                          # (..., G, R*bq, bk)   eq. (4.7)
+            if m_i is None:
+                alpha = xp.zeros_like(m_safe)
+                l_i, acc = xp.sum(p, axis=-1, keepdims=True), p @ v_j      # eqs. (4.8)-(4.9)
+            else:
+                alpha = xp.exp(m_i - m_safe)                                # (..., G, R*bq, 1)    eq. (4.7)
+                l_i = alpha * l_i + xp.sum(p, axis=-1, keepdims=True)      # eq. (4.8)
+                acc = alpha * acc + p @ v_j                                 # (..., G, R*bq, Dv)   eq. (4.9)
+            m_i = m_new
+            if on_tile is not None:
+                on_tile(FlashTile(i, j, *(t.heads(x, rows) for x in (m_i, l_i, alpha))))
+        if m_i is None:                                                     # causal hid every key tile
+            shape = t.lead + (G, R * (rows[1] - rows[0]), 1)
+            m_i, l_i = xp.full(shape, -xp.inf, dtype=zero.dtype, device=device(q)), xp.zeros(shape, dtype=zero.dtype, device=device(q))
+            acc = xp.zeros(shape[:-1] + (dv,), dtype=zero.dtype, device=device(q))
+        # eq. (4.10); l_i == 0 exactly when the row saw no key: o = 0, lse = -inf
+        empty = l_i == 0
+        o_tiles.append(acc * xp.where(empty, zero, 1.0 / xp.where(empty, xp.ones_like(l_i), l_i)))
+        lse_tiles.append(xp.where(empty, t.neg_inf, m_i + xp.log(xp.where(empty, xp.ones_like(l_i), l_i))))
+    o = xp.astype(t.join(o_tiles, dv), q.dtype)                             # (..., H, N, Dv)
+    lse = t.join(lse_tiles, 1)[..., 0]                                      # (..., H, N)
+    return o, FlashCache(q=q, k=k, v=v, o=o, lse=lse, mask=mask, causal=causal, scale=scale,
+                         block_q=block_q, block_k=block_k)
+
+
+def flash_attention_backward(dout, cache: FlashCache, *, dlse=None):
+    """Gradients of ``flash_attention_forward``: ``(dq, dk, dv)``, recomputing ``p`` tile by tile.
+
+    Parameters
+    ----------
+    dout : array (..., H, N, Dv)
+    cache : FlashCache
+    dlse : array (..., H, N) or None
+        Gradient flowing into ``cache.lse`` (e.g. from a loss that uses the log-partition);
+        handled exactly: it shifts ``delta`` by ``-dlse`` (derivations/05-flash-backward.md, eq. (5.6)).
+
+    Derivation: derivations/05-flash-backward.md, eqs. (5.3)-(5.6).
+    """
+    q, k, v, o, lse, mask, causal, scale, block_q, block_k = cache
+    xp = namespace(dout=dout, q=q, dlse=dlse)
+    check_float(xp, "dout", dout)
+    if tuple(dout.shape) != tuple(o.shape):
+        raise ValueError(f"dout must have the output's shape {tuple(o.shape)}, got {tuple(dout.shape)}")
+    if dout.dtype != o.dtype:
+        raise TypeError(f"dout must have the output's dtype {o.dtype}, got {dout.dtype}")
+    if dlse is not None:
+        check_float(xp, "dlse", dlse)
+        if tuple(dlse.shape) != tuple(lse.shape):
+            raise ValueError(f"dlse must have lse's shape {tuple(lse.shape)}, got {tuple(dlse.shape)}")
+    if q.ndim == 2:                                   # one head: run as (1, N, D) and drop the axis
+        inner = cache._replace(q=q[None, ...], k=k[None, ...], v=v[None, ...], o=o[None, ...], lse=lse[None, ...])
+        grads = flash_attention_backward(dout[None, ...], inner, dlse=None if dlse is None else dlse[None, ...])
+        return tuple(g[0, ...] for g in grads)
+    G = k.shape[-3]
+    R = q.shape[-3] // G
+    d, dv = q.shape[-1], v.shape[-1]
+    t = _Tiles(xp, q, k, mask, causal, block_q, block_k, G, R)
+    ct = compute_dtype(xp, q.dtype)
+    qs = to_compute(xp, q) * scale                    # (..., H, N, D), the forward's scaled q
+    kc, vc, g = to_compute(xp, k), to_compute(xp, v), to_compute(xp, dout)
+
+    # eq. (5.3): delta = rowsum(dout * o) = rowsum(p * dp), O(N Dv) instead of O(N M); eq. (5.6): - dlse
+    delta = xp.sum(g * to_compute(xp, o), axis=-1, keepdims=True)          # (..., H, N, 1)
+    if dlse is not None:
+        delta = delta - xp.astype(dlse, ct)[..., None]
+    # a row that saw no key has lse = -inf and every s = -inf: subtract 0 so p = exp(-inf) = 0
+    lse_safe = xp.where(lse == -xp.inf, xp.zeros_like(lse), lse)[..., None]   # (..., H, N, 1)
+    per_row = [(t.split(qs, rows), t.split(g, rows), t.split(lse_safe, rows), t.split(delta, rows))
+               for rows in t.rows]                    # q-side tiles, sliced once (views when R == 1)
+
+    dq_tiles = [None] * len(t.rows)
+    dk_tiles, dv_tiles = [], []
+    for cols in t.cols:
+        k_j, v_j = kc[..., cols[0]:cols[1], :], vc[..., cols[0]:cols[1], :]      # (..., G, bk, D|Dv)
+        dk_j = dv_j = None
+        for i, rows in enumerate(t.rows):
+            if not t.visible(rows, cols):
+                continue                                                    # causal hides the tile: skipped
+            q_i, dout_i, lse_i, delta_i = per_row[i]
+            s = t.scores_mask(q_i @ k_j.mT, rows, cols)                     # (..., G, R*bq, bk)
+            p = xp.exp(s - lse_i)                                           # eq. (5.4)
+            dp = dout_i @ v_j.mT                                            # (..., G, R*bq, bk)    eq. (5.5)
+            ds = p * (dp - delta_i)                                         # eq. (5.6)
+            dv_step, dk_step, dq_step = p.mT @ dout_i, ds.mT @ q_i, ds @ k_j   # eq. (5.5)
+            dv_j = dv_step if dv_j is None else dv_j + dv_step              # (..., G, bk, Dv)
+            dk_j = dk_step if dk_j is None else dk_j + dk_step              # (..., G, bk, D), still * scale
+            dq_tiles[i] = dq_step if dq_tiles[i] is None else dq_tiles[i] + dq_step
+        if dk_j is None:                                                    # no query sees these keys
+            bk = cols[1] - cols[0]
+            dk_j = xp.zeros(t.lead + (G, bk, d), dtype=ct, device=device(q))
+            dv_j = xp.zeros(t.lead + (G, bk, dv), dtype=ct, device=device(q))
+        dk_tiles.append(dk_j)
+        dv_tiles.append(dv_j)
+    for i, rows in enumerate(t.rows):
+        if dq_tiles[i] is None:                                             # no key visible to these queries
+            dq_tiles[i] = xp.zeros(t.lead + (G, R * (rows[1] - rows[0]), d), dtype=ct, device=device(q))
+    # qs already carried one factor of scale (dk = scale * ds^T q = ds^T qs); dq needs it once more
+    dq = t.join(dq_tiles, d) * scale                                        # (..., H, N, D)
+    dk = xp.concat(dk_tiles, axis=-2)                                       # (..., G, M, D)
+    dv_ = xp.concat(dv_tiles, axis=-2)                                      # (..., G, M, Dv)
+    dt = q.dtype
+    return xp.astype(dq, dt), xp.astype(dk, dt), xp.astype(dv_, dt)

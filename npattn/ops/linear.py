@@ -1,0 +1,93 @@
+"""Linear (affine) projection: forward and hand-derived backward.
+
+Shapes: ``x (..., E_in)``, ``w (E_in, E_out)``, ``b (E_out,)``, ``y (..., E_out)``; any number of
+leading batch axes, flattened to ``P`` rows in the backward.
+
+Forward (derivations/01-linear.md):
+    1. y = x @ w + b                     eq. (1.1)
+Backward:
+    dx = dout @ w^T                      eq. (1.3)
+    dw = sum over rows of x^T dout       eq. (1.4)
+    db = sum over rows of dout           eq. (1.5)
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from ..backend import check_float, check_same_dtype, namespace, to_compute
+
+__all__ = ["linear_forward", "linear_backward", "LinearCache"]
+
+
+class LinearCache(NamedTuple):
+    """Saved for the backward: the input ``x`` (for dw) and weight ``w`` (for dx); nothing is
+    recomputed. ``has_bias`` says whether a ``db`` is returned."""
+
+    x: object  # (..., E_in)
+    w: object  # (E_in, E_out)
+    has_bias: bool
+
+
+def linear_forward(x, w, b=None):
+    """``y = x @ w + b``.
+
+    Parameters
+    ----------
+    x : array (..., E_in)
+    w : array (E_in, E_out)
+    b : array (E_out,) or None
+
+    Returns
+    -------
+    y : array (..., E_out)
+    cache : LinearCache
+
+    Derivation: derivations/01-linear.md, eq. (1.1).
+    """
+    xp = namespace(x=x, w=w, b=b)
+    for name, a in (("x", x), ("w", w), ("b", b)):
+        if a is not None:
+            check_float(xp, name, a)
+    check_same_dtype(x=x, w=w, b=b)
+    if x.ndim < 1:
+        raise ValueError(f"x must have at least 1 axis (..., E_in), got shape {tuple(x.shape)}")
+    if w.ndim != 2:
+        raise ValueError(f"w must be 2-D (E_in, E_out), got shape {tuple(w.shape)}")
+    if x.shape[-1] != w.shape[0]:
+        raise ValueError(f"x's last axis ({x.shape[-1]}) must equal w's first ({w.shape[0]}): "
+                         f"x {tuple(x.shape)}, w {tuple(w.shape)}")
+    if b is not None and tuple(b.shape) != (w.shape[1],):
+        raise ValueError(f"b must have shape ({w.shape[1]},) to match w {tuple(w.shape)}, got {tuple(b.shape)}")
+
+    y = to_compute(xp, x) @ to_compute(xp, w)                # (..., E_out)   eq. (1.1)
+    if b is not None:
+        y = y + to_compute(xp, b)
+    return xp.astype(y, x.dtype), LinearCache(x=x, w=w, has_bias=b is not None)
+
+
+def linear_backward(dout, cache: LinearCache):
+    """Gradients of ``y = x @ w + b``: returns ``(dx, dw, db)``, ``db`` None without a bias.
+
+    Derivation: derivations/01-linear.md, eqs. (1.3)-(1.5).
+    """
+    x, w, has_bias = cache
+    xp = namespace(dout=dout, x=x)
+    check_float(xp, "dout", dout)
+    out_shape = tuple(x.shape[:-1]) + (w.shape[1],)
+    if tuple(dout.shape) != out_shape:
+        raise ValueError(f"dout must have the output's shape {out_shape}, got {tuple(dout.shape)}")
+    if dout.dtype != x.dtype:
+        raise TypeError(f"dout must have the output's dtype {x.dtype}, got {dout.dtype}")
+    e_in, e_out = w.shape
+    g, xc, wc = to_compute(xp, dout), to_compute(xp, x), to_compute(xp, w)
+
+    dx = g @ wc.mT                                           # (..., E_in)    eq. (1.3)
+    # every leading index is a row P that used the same w and b: their gradients add up
+    x2 = xp.reshape(xc, (-1, e_in))                          # (P, E_in)
+    g2 = xp.reshape(g, (-1, e_out))                          # (P, E_out)
+    dw = x2.mT @ g2                                          # (E_in, E_out)  eq. (1.4)
+    db = xp.sum(g2, axis=0) if has_bias else None            # (E_out,)       eq. (1.5)
+
+    dt = x.dtype
+    return xp.astype(dx, dt), xp.astype(dw, dt), (xp.astype(db, dt) if db is not None else None)

@@ -1,0 +1,130 @@
+"""Softmax: forward, closed-form backward, and the explicit Jacobian for teaching.
+
+Shapes: ``x (..., n)`` along the softmax axis (any axis; the Jacobian uses the last).
+
+Forward, in steps (derivations/02-softmax.md):
+    1. m = max_j x_j                      eq. (2.4)   (a row of -inf keeps m = 0, see 00-notation)
+    2. e_j = exp(x_j - m)                 eq. (2.4)
+    3. l = sum_j e_j                      eq. (2.4)
+    4. y_j = e_j / l                      eq. (2.1)   (l = 0, a fully masked row, gives y = 0)
+Backward:
+    dx = y * (dout - sum(dout * y))       eq. (2.7)
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from ..backend import check_float, device, namespace, to_compute
+
+__all__ = ["softmax", "softmax_forward", "softmax_backward", "softmax_jacobian", "SoftmaxCache"]
+
+
+class SoftmaxCache(NamedTuple):
+    """What ``softmax_backward`` needs: the output ``y`` (the Jacobian is a function of y alone).
+
+    Nothing is recomputed in the backward.
+    """
+
+    y: object  # (..., n) softmax output, in the input dtype
+    axis: int
+
+
+def _stable_softmax(xp, x, axis):
+    """Steps 1-4 of the forward. Returns ``(y, m, l)``; ``m``, ``l`` keep their reduced axis.
+
+    Shared with attention, which needs the same fully-masked-row rule (and ``m``, ``l`` for the
+    log-sum-exp). Derivation: derivations/02-softmax.md, eq. (2.4).
+    """
+    m = xp.max(x, axis=axis, keepdims=True)                   # (..., 1)
+    # A row that is all -inf (fully masked) would give exp(-inf - -inf) = NaN; shift it by 0
+    # instead, so its exponentials are exp(-inf) = 0 and its sum l is 0. NaN rows stay NaN.
+    m = xp.where(m == -xp.inf, xp.zeros_like(m), m)
+    e = xp.exp(x - m)                                         # (..., n)
+    l = xp.sum(e, axis=axis, keepdims=True)                   # (..., 1)
+    # y = e / l, with y = 0 where l == 0 (fully masked). Dividing by a (..., 1) reciprocal keeps
+    # the full-size pass a single multiply; NaN in l still propagates (NaN == 0 is False).
+    inv_l = xp.where(l == 0, xp.zeros_like(l), 1.0 / xp.where(l == 0, xp.ones_like(l), l))
+    return e * inv_l, m, l
+
+
+def softmax(x, *, axis: int = -1):
+    """Numerically stable softmax along ``axis``: ``y_j = exp(x_j) / sum_k exp(x_k)``.
+
+    Rows that are entirely ``-inf`` give 0 (not NaN). Derivation: derivations/02-softmax.md,
+    eq. (2.1), computed as eq. (2.4).
+    """
+    y, _ = softmax_forward(x, axis=axis)
+    return y
+
+
+def softmax_forward(x, *, axis: int = -1):
+    """Forward of softmax along ``axis``, returning ``(y, cache)``.
+
+    Parameters
+    ----------
+    x : array (..., n, ...)
+        Real floating logits; ``-inf`` entries are masked out.
+    axis : int
+        The axis the probabilities sum over.
+
+    Returns
+    -------
+    y : array, same shape and dtype as ``x``.
+    cache : SoftmaxCache
+
+    Derivation: derivations/02-softmax.md, eqs. (2.1) and (2.4).
+    """
+    xp = namespace(x=x)
+    check_float(xp, "x", x)
+    if x.ndim == 0:
+        raise ValueError("x must have at least one axis, got a 0-d array")
+    if not -x.ndim <= axis < x.ndim:
+        raise ValueError(f"axis {axis} is out of range for x of shape {tuple(x.shape)}")
+    y, _, _ = _stable_softmax(xp, to_compute(xp, x), axis)
+    y = xp.astype(y, x.dtype)
+    return y, SoftmaxCache(y=y, axis=axis)
+
+
+def softmax_backward(dout, cache: SoftmaxCache):
+    """Backward of softmax: ``dx = y * (dout - sum(dout * y))`` along the cached axis.
+
+    This is ``J^T dout`` with ``J = diag(y) - y y^T`` applied without forming ``J``; each row of
+    ``dx`` sums to zero. Derivation: derivations/02-softmax.md, eq. (2.7).
+    """
+    y, axis = cache
+    xp = namespace(dout=dout, y=y)
+    check_float(xp, "dout", dout)
+    if tuple(dout.shape) != tuple(y.shape):
+        raise ValueError(f"dout must have the output's shape {tuple(y.shape)}, got {tuple(dout.shape)}")
+    if dout.dtype != y.dtype:
+        raise TypeError(f"dout must have the output's dtype {y.dtype}, got {dout.dtype}")
+    yc, g = to_compute(xp, y), to_compute(xp, dout)
+    # step 4 (y = e / l) and steps 1-3 together: eq. (2.7)
+    dx = yc * (g - xp.sum(g * yc, axis=axis, keepdims=True))  # (..., n)
+    return xp.astype(dx, y.dtype)
+
+
+def softmax_jacobian(y):
+    """The explicit softmax Jacobian ``J[..., i, j] = dy_i/dx_j = y_i (delta_ij - y_j)``.
+
+    For teaching and tests only: it costs O(n^2) per row, which the backward never pays.
+
+    Parameters
+    ----------
+    y : array (..., n)
+        A softmax output along the last axis.
+
+    Returns
+    -------
+    J : array (..., n, n)
+        ``diag(y) - y y^T`` per row. Derivation: derivations/02-softmax.md, eq. (2.5).
+    """
+    xp = namespace(y=y)
+    check_float(xp, "y", y)
+    if y.ndim == 0:
+        raise ValueError("y must have at least one axis, got a 0-d array")
+    n = y.shape[-1]
+    col = y[..., :, None]                                          # (..., n, 1)
+    eye = xp.eye(n, dtype=y.dtype, device=device(y))              # (n, n)
+    return col * eye - col * y[..., None, :]                       # (..., n, n)
