@@ -1,0 +1,102 @@
+"""Command line: ``npattn check`` and ``npattn bench``; each command is a small function over the library."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+__all__ = ["main"]
+
+
+def check(args) -> int:
+    """Run every gradient check, print a table row per input as it completes; 1 on any failure."""
+    from .checks import cases, run_case
+
+    selected = [c for c in cases(args.seed) if args.k is None or args.k.lower() in f"{c.op} {c.name}".lower()]
+    if not selected:
+        print(f"no case matches -k {args.k!r}", file=sys.stderr)
+        return 2
+    print(f"npattn check: {len(selected)} cases, float64 central differences, random dout (seed {args.seed}), "
+          f"mode={args.mode}", flush=True)
+    header = f"{'op':<10}{'case':<34}{'input':<6}{'shape':<16}{'max abs err':>12}{'max rel err':>12}  ok"
+    print(header)
+    print("-" * len(header), flush=True)
+    t0, failed, worst = time.perf_counter(), [], {}
+    for case in selected:
+        report = run_case(case, mode=args.mode, seed=args.seed)
+        for r in report.rows:
+            print(f"{case.op:<10}{case.name:<34}{r.name:<6}{str(r.shape):<16}{r.max_abs_err:>12.2e}"
+                  f"{r.max_rel_err:>12.2e}  {'ok' if r.ok else 'FAIL'}", flush=True)
+            worst[case.op] = max(worst.get(case.op, 0.0), r.max_rel_err)
+        if not report.ok:
+            failed.append(f"{case.op}: {case.name}")
+    print("-" * len(header))
+    print("worst relative error per op: " + ", ".join(f"{op} {err:.1e}" for op, err in worst.items()))
+    elapsed = time.perf_counter() - t0
+    if failed:
+        print(f"FAILED {len(failed)} of {len(selected)} cases in {elapsed:.1f} s: " + "; ".join(failed))
+        return 1
+    print(f"all {len(selected)} cases passed in {elapsed:.1f} s")
+    return 0
+
+
+def bench(args) -> int:
+    """Naive vs tiled (vs torch when installed) timing and memory, as one table."""
+    from .bench import HEADER, BenchConfig, format_row, run_bench, torch_available, write_json
+
+    cfg = BenchConfig(lengths=args.n, dtypes=args.dtype, causal=args.causal, passes=args.passes,
+                      impls=args.impl, batch=args.batch, heads=args.heads, dim=args.dim,
+                      block=args.block, repeats=args.repeats, memory=not args.no_memory, seed=args.seed)
+    print(f"npattn bench: B={cfg.batch} H={cfg.heads} D=Dv={cfg.dim} N=M in {cfg.lengths}, tiles {cfg.block}, "
+          f"median of {cfg.repeats}" + ("" if torch_available() else " (torch not installed: no torch rows)"),
+          flush=True)
+    print(HEADER, flush=True)
+    rows = run_bench(cfg, progress=lambda row: print(format_row(row), flush=True))
+    if args.json:
+        write_json(args.json, cfg, rows)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    from .bench import DEFAULT_BLOCK
+
+    parser = argparse.ArgumentParser(prog="npattn", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("check", help="gradient-check every forward/backward pair and print a table")
+    p.add_argument("-k", help="only cases whose 'op case' text contains this")
+    p.add_argument("--mode", choices=["full", "directional"], default="full")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=check)
+
+    def truth(text: str) -> bool:
+        return {"yes": True, "true": True, "1": True, "no": False, "false": False, "0": False}[text.lower()]
+
+    b = sub.add_parser("bench", help="time and peak memory of naive vs tiled attention")
+    b.add_argument("--n", type=int, nargs="+", default=[512, 1024, 2048], help="sequence lengths N = M")
+    b.add_argument("--dtype", nargs="+", default=["float32", "float64"], choices=["float32", "float64"])
+    b.add_argument("--causal", type=truth, nargs="+", default=[False, True], help="yes and/or no")
+    b.add_argument("--passes", nargs="+", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd"])
+    b.add_argument("--impl", nargs="+", default=["naive", "tiled", "torch", "torch-math"],
+                   choices=["naive", "tiled", "torch", "torch-math"])
+    b.add_argument("--batch", type=int, default=1)
+    b.add_argument("--heads", type=int, default=8)
+    b.add_argument("--dim", type=int, default=64)
+    b.add_argument("--block", type=int, default=DEFAULT_BLOCK, help="tile size of the tiled rows")
+    b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--no-memory", action="store_true", help="skip the tracemalloc peak-memory runs")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--json", help="also write the rows to this JSON file")
+    b.set_defaults(func=bench)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
