@@ -35,7 +35,7 @@ DEFAULT_BLOCK = 256
 
 @dataclass
 class BenchConfig:
-    lengths: list = field(default_factory=lambda: [512, 1024, 2048])  # N = M
+    lengths: list = field(default_factory=lambda: [256, 512, 1024])  # N = M
     dtypes: list = field(default_factory=lambda: ["float32", "float64"])
     causal: list = field(default_factory=lambda: [False, True])
     passes: list = field(default_factory=lambda: ["fwd", "fwd+bwd"])

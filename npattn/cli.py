@@ -60,8 +60,9 @@ def bench(args) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from .bench import DEFAULT_BLOCK
+    from .bench import BenchConfig
 
+    d = BenchConfig()  # the defaults live in one place
     parser = argparse.ArgumentParser(prog="npattn", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -75,17 +76,17 @@ def _parser() -> argparse.ArgumentParser:
         return {"yes": True, "true": True, "1": True, "no": False, "false": False, "0": False}[text.lower()]
 
     b = sub.add_parser("bench", help="time and peak memory of naive vs tiled attention")
-    b.add_argument("--n", type=int, nargs="+", default=[512, 1024, 2048], help="sequence lengths N = M")
-    b.add_argument("--dtype", nargs="+", default=["float32", "float64"], choices=["float32", "float64"])
-    b.add_argument("--causal", type=truth, nargs="+", default=[False, True], help="yes and/or no")
-    b.add_argument("--passes", nargs="+", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd"])
-    b.add_argument("--impl", nargs="+", default=["naive", "tiled", "torch", "torch-math"],
+    b.add_argument("--n", type=int, nargs="+", default=d.lengths, help="sequence lengths N = M")
+    b.add_argument("--dtype", nargs="+", default=d.dtypes, choices=["float32", "float64"])
+    b.add_argument("--causal", type=truth, nargs="+", default=d.causal, help="yes and/or no")
+    b.add_argument("--passes", nargs="+", default=d.passes, choices=["fwd", "fwd+bwd"])
+    b.add_argument("--impl", nargs="+", default=d.impls,
                    choices=["naive", "tiled", "torch", "torch-math"])
-    b.add_argument("--batch", type=int, default=1)
-    b.add_argument("--heads", type=int, default=8)
-    b.add_argument("--dim", type=int, default=64)
-    b.add_argument("--block", type=int, default=DEFAULT_BLOCK, help="tile size of the tiled rows")
-    b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--batch", type=int, default=d.batch)
+    b.add_argument("--heads", type=int, default=d.heads)
+    b.add_argument("--dim", type=int, default=d.dim)
+    b.add_argument("--block", type=int, default=d.block, help="tile size of the tiled rows")
+    b.add_argument("--repeats", type=int, default=d.repeats)
     b.add_argument("--no-memory", action="store_true", help="skip the tracemalloc peak-memory runs")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--json", help="also write the rows to this JSON file")

@@ -1,0 +1,217 @@
+"""npattn/ops/flash.py: the tiled op equals the naive one (float64, ~1e-12) for every feature and
+any block sizes; dlse by finite differences; the cache holds nothing N*M-sized; causal tiles are
+skipped; the loop can be watched."""
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from npattn import attention_backward, attention_forward, gradcheck
+from npattn.checks import flash_with_lse_backward, flash_with_lse_forward
+from npattn.ops import FlashTile, flash_attention_backward, flash_attention_forward
+from tests.reference import attention_reference
+
+
+def make(rng, lead, h, g, n, m, d, dv):
+    return (rng.standard_normal(lead + (h, n, d)), rng.standard_normal(lead + (g, m, d)),
+            rng.standard_normal(lead + (g, m, dv)), rng.standard_normal(lead + (h, n, dv)))
+
+
+def assert_tiled_equals_naive(q, k, v, dout, *, block_q, block_k, rtol=1e-12, **kwargs):
+    o_n, c_n = attention_forward(q, k, v, **kwargs)
+    o_t, c_t = flash_attention_forward(q, k, v, block_q=block_q, block_k=block_k, **kwargs)
+    np.testing.assert_allclose(o_t, o_n, rtol=rtol, atol=rtol * max(np.abs(o_n).max(), 1.0))
+    for name, a, b in zip("qkv", flash_attention_backward(dout, c_t), attention_backward(dout, c_n)):
+        np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * max(np.abs(b).max(), 1.0), err_msg=f"d{name}")
+    assert not any(np.isnan(a).any() for a in (o_t, c_t.lse))
+    return c_t
+
+
+shapes = st.tuples(st.sampled_from([(), (2,)]), st.sampled_from([(1, 1), (2, 2), (4, 2), (3, 1), (3, 3)]),
+                   st.integers(1, 12), st.integers(1, 12), st.integers(1, 4), st.integers(1, 4))
+blocks = st.sampled_from([1, 2, 3, 5, 7, 13, 64])
+
+
+@given(shapes, blocks, blocks, st.booleans(), st.sampled_from(["none", "bool", "float"]), st.integers(0, 2**16))
+def test_tiled_equals_naive(shape, block_q, block_k, causal, mask_kind, seed):
+    lead, (h, g), n, m, d, dv = shape
+    rng = np.random.default_rng(seed)
+    q, k, v, dout = make(rng, lead, h, g, n, m, d, dv)
+    mask = {"none": None, "bool": rng.random((h, n, m)) > 0.4, "float": rng.standard_normal((1, n, m))}[mask_kind]
+    assert_tiled_equals_naive(q, k, v, dout, block_q=block_q, block_k=block_k, causal=causal, mask=mask)
+
+
+@pytest.mark.parametrize("n, m", [(7, 12), (12, 7), (9, 9), (1, 10)])
+@pytest.mark.parametrize("block_q, block_k", [(1, 1), (3, 5), (4, 4), (16, 2), (100, 100)])
+def test_causal_cross_lengths(rng, n, m, block_q, block_k):
+    q, k, v, dout = make(rng, (2,), 4, 2, n, m, 3, 2)
+    cache = assert_tiled_equals_naive(q, k, v, dout, block_q=block_q, block_k=block_k, causal=True)
+    _, _, lse = attention_reference(q, k, v, causal=True)
+    np.testing.assert_allclose(cache.lse, lse, rtol=1e-13)            # -inf rows compare equal
+    assert np.all(np.isneginf(cache.lse[..., : max(0, n - m)]))
+
+
+def test_fully_masked_rows_give_zero_and_lse_minus_inf(rng):
+    q, k, v, dout = make(rng, (1,), 2, 2, 5, 6, 3, 2)
+    mask = rng.random((5, 6)) > 0.5
+    mask[2] = False
+    o, cache = flash_attention_forward(q, k, v, mask=mask, block_q=2, block_k=4)
+    assert np.all(o[..., 2, :] == 0) and np.all(np.isneginf(cache.lse[..., 2]))
+    dq, dk, dv = flash_attention_backward(dout, cache)
+    assert np.all(dq[..., 2, :] == 0) and not np.isnan(dk).any() and not np.isnan(dv).any()
+
+
+def test_2d_single_head(rng):
+    q, k, v = rng.standard_normal((6, 3)), rng.standard_normal((4, 3)), rng.standard_normal((4, 5))
+    dout = rng.standard_normal((6, 5))
+    cache = assert_tiled_equals_naive(q, k, v, dout, block_q=4, block_k=3, causal=True, scale=0.5)
+    assert cache.lse.shape == (6,) and cache.o.shape == (6, 5)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_gradcheck_including_dlse(rng, causal):
+    q, k, v, _ = make(rng, (2,), 4, 2, 5, 7, 3, 2)
+    report = gradcheck(flash_with_lse_forward, flash_with_lse_backward, dict(q=q, k=k, v=v),
+                       kwargs=dict(causal=causal, block_q=2, block_k=3, mask=rng.standard_normal((4, 5, 7))))
+    assert report.ok, report
+
+
+def test_dlse_matches_naive_logsumexp_gradient(rng):
+    """d lse / d s = p, so a dlse adds p * dlse to ds: compare against naive attention whose loss
+    includes sum(lse * dlse) through the softmax identity dlse_i * p_ij."""
+    q, k, v, dout = make(rng, (1,), 2, 2, 4, 5, 3, 2)
+    dlse = rng.standard_normal((1, 2, 4))
+    _, cache = flash_attention_forward(q, k, v, block_q=3, block_k=2)
+    dq, dk, _ = flash_attention_backward(np.zeros_like(dout), cache, dlse=dlse)
+    p = attention_forward(q, k, v)[1].p
+    ds = p * dlse[..., None]                                            # (B, H, N, M)
+    scale = 1 / np.sqrt(3)
+    np.testing.assert_allclose(dq, scale * ds @ k, rtol=1e-12)
+    np.testing.assert_allclose(dk, scale * np.swapaxes(ds, -1, -2) @ q, rtol=1e-12)
+
+
+def test_cache_holds_no_n_by_m_array(rng):
+    n = m = 64
+    q, k, v, dout = make(rng, (1,), 2, 2, n, m, 4, 4)
+    mask = rng.random((n, m)) > 0.5
+    _, cache = flash_attention_forward(q, k, v, mask=mask, block_q=16, block_k=16)
+    for name, value in cache._asdict().items():
+        if hasattr(value, "shape") and value is not cache.mask:
+            assert np.prod(value.shape) < n * m * 2, f"cache.{name} has shape {value.shape}"
+    assert cache.mask.base is mask or cache.mask is mask                  # the caller's array, not a copy
+
+
+def test_backward_never_allocates_n_by_m(rng, monkeypatch):
+    """Every array the backward's tile loop creates is at most block_q x block_k per head."""
+    import npattn.ops.flash as flash
+
+    n, m, bq, bk = 40, 48, 8, 16
+    q, k, v, dout = make(rng, (), 2, 2, n, m, 4, 4)
+    _, cache = flash_attention_forward(q, k, v, block_q=bq, block_k=bk)
+    largest = []
+    real_exp = np.exp
+
+    def spy_exp(x, *a, **kw):                                           # every p tile goes through exp
+        largest.append(x.shape[-2] * x.shape[-1])
+        return real_exp(x, *a, **kw)
+
+    monkeypatch.setattr(flash, "namespace", lambda **arrays: _SpyNamespace(spy_exp))
+    flash.flash_attention_backward(dout, cache)
+    assert largest and max(largest) <= bq * bk
+
+
+class _SpyNamespace:
+    def __init__(self, exp):
+        from array_api_compat import numpy as xp
+
+        self._xp, self.exp = xp, exp
+
+    def __getattr__(self, name):
+        return getattr(self._xp, name)
+
+
+def test_causal_skips_tiles_above_the_diagonal(rng):
+    q, k, v, _ = make(rng, (1,), 1, 1, 16, 16, 2, 2)
+    seen_full, seen_causal = [], []
+    flash_attention_forward(q, k, v, block_q=4, block_k=4, on_tile=lambda t: seen_full.append((t.i, t.j)))
+    flash_attention_forward(q, k, v, block_q=4, block_k=4, causal=True, on_tile=lambda t: seen_causal.append((t.i, t.j)))
+    assert len(seen_full) == 16
+    assert seen_causal == [(i, j) for i in range(4) for j in range(i + 1)]   # 10 of 16 tiles
+
+
+def test_watching_the_online_softmax(rng):
+    q, k, v, _ = make(rng, (2,), 3, 3, 5, 9, 2, 2)
+    tiles = []
+    o, cache = flash_attention_forward(q, k, v, block_q=5, block_k=3, on_tile=tiles.append)
+    assert [(t.i, t.j) for t in tiles] == [(0, 0), (0, 1), (0, 2)]
+    assert all(isinstance(t, FlashTile) and t.m_i.shape == (2, 3, 5) for t in tiles)
+    assert np.all(tiles[0].alpha == 0)                                   # nothing to rescale at first
+    assert all(np.all((t.alpha > 0) & (t.alpha <= 1)) for t in tiles[1:])
+    # after the last tile, m_i + log(l_i) is the log-sum-exp the cache keeps
+    np.testing.assert_allclose(tiles[-1].m_i + np.log(tiles[-1].l_i), cache.lse, rtol=1e-13)
+
+
+def test_backends(backend, rng):
+    q, k, v, dout = make(rng, (2,), 4, 2, 7, 5, 3, 2)
+    mask = rng.random((4, 7, 5)) > 0.3
+    args = [backend.asarray(a) for a in (q, k, v)]
+    o, cache = flash_attention_forward(*args, mask=backend.asarray(mask), causal=True, block_q=3, block_k=2)
+    assert type(o) is type(args[0])
+    grads = flash_attention_backward(backend.asarray(dout), cache, dlse=backend.asarray(rng.standard_normal((2, 4, 7))))
+    o_np, c_np = attention_forward(q, k, v, mask=mask, causal=True)
+    np.testing.assert_allclose(backend.numpy(o), o_np, rtol=1e-12)
+    assert len(grads) == 3 and grads[1].shape == k.shape
+
+
+@pytest.mark.parametrize("dtype, rtol", [(np.float32, 1e-5), (np.float16, 5e-3)])
+def test_low_precision(rng, dtype, rtol):
+    q, k, v, dout = (a.astype(dtype) for a in make(rng, (1,), 2, 2, 9, 11, 8, 8))
+    o, cache = flash_attention_forward(q, k, v, block_q=4, block_k=4)
+    assert o.dtype == dtype and all(g.dtype == dtype for g in flash_attention_backward(dout, cache))
+    np.testing.assert_allclose(o, attention_forward(q, k, v)[0], rtol=rtol, atol=rtol)
+
+
+def test_inputs_not_modified(rng):
+    q, k, v, dout = make(rng, (1,), 2, 2, 5, 6, 3, 2)
+    saved = [a.copy() for a in (q, k, v, dout)]
+    _, cache = flash_attention_forward(q, k, v, block_q=2, block_k=4)
+    o, lse = cache.o.copy(), cache.lse.copy()
+    flash_attention_backward(dout, cache)
+    assert all(np.array_equal(a, s) for a, s in zip((q, k, v, dout), saved))
+    assert np.array_equal(cache.o, o) and np.array_equal(cache.lse, lse)
+
+
+@pytest.mark.parametrize("kwargs, err, words", [
+    (dict(block_q=0), ValueError, "block_q must be >= 1, got 0"),
+    (dict(block_k=-3), ValueError, "block_k must be >= 1, got -3"),
+    (dict(block_q=2.5), TypeError, "block_q must be an int"),
+    (dict(mask=np.ones((5, 5), bool)), ValueError, r"mask of shape \(5, 5\) does not broadcast"),
+])
+def test_bad_arguments(rng, kwargs, err, words):
+    q, k, v, _ = make(rng, (1,), 2, 2, 4, 6, 3, 2)
+    with pytest.raises(err, match=words):
+        flash_attention_forward(q, k, v, **kwargs)
+
+
+def test_bad_backward_arguments(rng):
+    q, k, v, dout = make(rng, (1,), 2, 2, 4, 6, 3, 2)
+    _, cache = flash_attention_forward(q, k, v)
+    with pytest.raises(ValueError, match=r"dlse must have lse's shape \(1, 2, 4\)"):
+        flash_attention_backward(dout, cache, dlse=np.ones((1, 2, 6)))
+    with pytest.raises(ValueError, match="dout must have the output's shape"):
+        flash_attention_backward(dout[..., :1], cache)
+    with pytest.raises(ValueError, match="H % G"):
+        flash_attention_forward(q, k[:, :1].repeat(3, 1), v[:, :1].repeat(3, 1))
+
+
+def test_against_torch_fused_kernel(rng):
+    torch = pytest.importorskip("torch")
+    q, k, v, dout = make(rng, (2,), 4, 4, 33, 33, 8, 8)
+    o, cache = flash_attention_forward(q, k, v, causal=True, block_q=8, block_k=16)
+    tq, tk, tv = (torch.tensor(a, requires_grad=True) for a in (q, k, v))
+    to = torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, is_causal=True)
+    to.backward(torch.tensor(dout))
+    np.testing.assert_allclose(o, to.detach().numpy(), rtol=1e-10, atol=1e-12)
+    for ours, theirs in zip(flash_attention_backward(dout, cache), (tq.grad, tk.grad, tv.grad)):
+        np.testing.assert_allclose(ours, theirs.numpy(), rtol=1e-10, atol=1e-12)

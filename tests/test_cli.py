@@ -1,0 +1,59 @@
+"""npattn/cli.py: `npattn check` proves every pair and exits 0; a broken pair makes it exit 1;
+`npattn bench` prints its table and writes JSON."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+import npattn.checks
+from npattn.checks import Case
+from npattn.cli import main
+from npattn.ops import softmax_forward
+
+
+def test_check_runs_every_case_and_passes(capsys):
+    assert main(["check"]) == 0
+    out = capsys.readouterr().out
+    for op in ("linear", "softmax", "attention", "flash"):
+        assert f"\n{op} " in out
+    assert "FAIL" not in out and "all 19 cases passed" in out
+    assert "worst relative error per op" in out
+
+
+def test_check_exits_nonzero_on_a_broken_pair(monkeypatch, capsys, rng):
+    broken = Case("softmax", "broken", softmax_forward, lambda dout, cache: cache.y * dout,
+                  dict(x=rng.standard_normal((2, 4))), {})
+    monkeypatch.setattr(npattn.checks, "cases", lambda seed=0: [broken])
+    assert main(["check"]) == 1
+    assert "FAILED 1 of 1" in capsys.readouterr().out
+
+
+def test_check_filter_and_module_entry_point():
+    done = subprocess.run([sys.executable, "-m", "npattn", "check", "-k", "flash"],
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "all 5 cases passed" in done.stdout and "\nlinear" not in done.stdout
+
+
+def test_bench_prints_rows_and_json(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    assert main(["bench", "--n", "48", "--dtype", "float64", "--repeats", "2", "--block", "16",
+                 "--impl", "naive", "tiled", "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("\nnaive ") == 4 and out.count("\ntiled ") == 4            # 2 causal x 2 passes
+    data = json.loads(path.read_text())
+    rows = data["rows"]
+    assert len(rows) == 8 and {r["impl"] for r in rows} == {"naive", "tiled"}
+    assert all(r["median_ms"] > 0 and r["gflops"] > 0 and r["peak_mib"] > 0 for r in rows)
+    assert all(r["vs_naive"] == 1.0 for r in rows if r["impl"] == "naive")
+    assert data["config"]["block"] == 16
+
+
+def test_bench_torch_rows_when_available(capsys):
+    pytest.importorskip("torch")
+    assert main(["bench", "--n", "32", "--dtype", "float32", "--causal", "no", "--passes", "fwd+bwd",
+                 "--repeats", "1", "--no-memory"]) == 0
+    out = capsys.readouterr().out
+    assert "\ntorch " in out and "\ntorch-math " in out
