@@ -83,7 +83,8 @@ def to_compute(xp, x):
 
 
 def check_scale(scale, d: int) -> float:
-    """``scale`` or its default ``1/sqrt(D)``; must be a finite real number."""
+    """``scale`` or its default ``1/sqrt(D)``, which keeps Var(scores) at 1 whatever D is
+    (derivations/03-attention.md, eq. (3.12)); must be a finite real number."""
     if scale is None:
         return 1.0 / math.sqrt(d)
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):

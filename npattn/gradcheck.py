@@ -4,10 +4,10 @@ The pair protocol is all this module knows: ``forward(*inputs, **kwargs) -> (out
 ``backward(dout, cache) -> grads`` in the order of ``inputs``. A forward may return a tuple of
 outputs (e.g. ``(o, lse)``); then ``dout`` is a tuple too.
 
-The loss is ``L = sum_k sum(out_k * dout_k)`` with a random ``dout`` (never all ones: the gradient
-of ``sum(softmax(x))`` is identically zero, which would make the check empty). Its derivative is
-estimated by central differences in float64, ``(L(x + eps e) - L(x - eps e)) / (2 eps)``, whose
-truncation error is O(eps^2) (derivations/00-notation.md, eq. (0.1)).
+The loss is ``L = sum_k sum(out_k * dout_k)`` (derivations/00-notation.md, eq. (0.1)) with a
+random ``dout`` (never all ones: the gradient of ``sum(softmax(x))`` is identically zero, which
+would make the check empty). Its derivative is estimated by central differences in float64, ``(L(x + eps e) - L(x - eps e)) / (2 eps)``, whose
+truncation error is O(eps^2) (eq. (0.2)).
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ attention, ``G < H`` with ``R = H // G`` query heads per key/value head for grou
 Grouped layout: query head ``h = g * R + r`` uses key/value head ``g``. Reshaping ``q`` to
 ``(..., G, R*N, D)`` is free (no copy) and stacks a group's ``R`` heads as extra rows, so
 ``q_g @ k_g^T`` serves the whole group and ``p^T @ dout`` sums the group in the backward without any
-copy of K or V (derivations/03-attention.md, eq. (3.10)).
+copy of K or V (derivations/03-attention.md, eq. (3.11)).
 
 Forward, in steps (derivations/03-attention.md):
     1. s = scale * q k^T                        eq. (3.1)
@@ -21,7 +21,7 @@ Backward, the same steps in reverse:
     4. dp = dp_d * z / (1 - dropout_p)          eq. (3.8)
     3. ds = p * (dp - rowsum(p * dp))           eq. (3.9)
     2. masked entries have p = 0, so ds = 0 there; nothing to undo
-    1. dq = scale * ds k,  dk = scale * ds^T q  eq. (3.10)
+    1. dq = scale * ds k,  dk = scale * ds^T q  eq. (3.10), summed over each kv group: eq. (3.11)
 """
 
 from __future__ import annotations
@@ -178,7 +178,7 @@ def attention_backward(dout, cache: AttentionCache):
     """Gradients of ``attention_forward``: returns ``(dq, dk, dv)`` in q, k, v's shapes.
 
     With grouped-query attention ``dk``, ``dv`` are summed over the ``R`` query heads of each
-    group. Derivation: derivations/03-attention.md, eqs. (3.7)-(3.10).
+    group. Derivation: derivations/03-attention.md, eqs. (3.7)-(3.11).
     """
     q, k, v, p, keep, scale, dropout_p = cache
     xp = namespace(dout=dout, q=q)
@@ -211,7 +211,7 @@ def attention_backward(dout, cache: AttentionCache):
     # step 1, s = scale * q k^T: eq. (3.10)
     dsg = grouped(ds, m)                                                 # (..., G, R*N, M)
     dq = xp.reshape(scale * (dsg @ kc), q.shape)                         # (..., H, N, D)
-    dk = scale * (dsg.mT @ grouped(qc, d))                               # (..., G, M, D)
+    dk = scale * (dsg.mT @ grouped(qc, d))                               # (..., G, M, D)  eq. (3.11)
     dk, dv_ = xp.reshape(dk, k.shape), xp.reshape(dv_, v.shape)
     dt = q.dtype
     return xp.astype(dq, dt), xp.astype(dk, dt), xp.astype(dv_, dt)

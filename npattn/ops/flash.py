@@ -54,8 +54,9 @@ __all__ = ["flash_attention_forward", "flash_attention_backward", "FlashCache", 
 class FlashCache(NamedTuple):
     """Saved by the forward: the inputs, the output ``o`` and the log-sum-exp ``lse`` per query row.
 
-    No array here has ``N*M`` elements (a mask is the caller's own array, kept by reference).
-    The backward recomputes every tile of ``p = exp(s - lse)`` from q, k and ``lse``.
+    No array here has ``N*M`` elements (a mask is the caller's own array, kept by reference):
+    O(N (D + Dv)) per head, derivations/05-flash-backward.md, eq. (5.7). The backward recomputes
+    every tile of ``p = exp(s - lse)`` from q, k and ``lse``, eq. (5.1).
     """
 
     q: object  # (..., H, N, D)
@@ -169,7 +170,8 @@ def flash_attention_forward(q, k, v, *, mask=None, causal=False, scale=None, blo
     o : array (..., H, N, Dv), the inputs' dtype, equal to ``attention_forward``'s output.
     cache : FlashCache, with ``cache.lse (..., H, N)`` (``-inf`` for rows that see no key).
 
-    Derivation: derivations/04-online-softmax.md, eqs. (4.5)-(4.10).
+    Derivation: derivations/04-online-softmax.md, eqs. (4.1)-(4.4) (why it is exact) and
+    (4.5)-(4.10) (the loop).
     """
     xp = namespace(q=q, k=k, v=v, mask=mask)
     G, R = check_qkv(xp, q, k, v)
@@ -235,7 +237,8 @@ def flash_attention_backward(dout, cache: FlashCache, *, dlse=None):
         Gradient flowing into ``cache.lse`` (e.g. from a loss that uses the log-partition);
         handled exactly: it shifts ``delta`` by ``-dlse`` (derivations/05-flash-backward.md, eq. (5.6)).
 
-    Derivation: derivations/05-flash-backward.md, eqs. (5.3)-(5.6).
+    Derivation: derivations/05-flash-backward.md, eqs. (5.1)-(5.2) (recomputing p) and
+    (5.3)-(5.6) (the loop).
     """
     q, k, v, o, lse, mask, causal, scale, block_q, block_k = cache
     xp = namespace(dout=dout, q=q, dlse=dlse)

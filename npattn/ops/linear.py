@@ -69,7 +69,8 @@ def linear_forward(x, w, b=None):
 def linear_backward(dout, cache: LinearCache):
     """Gradients of ``y = x @ w + b``: returns ``(dx, dw, db)``, ``db`` None without a bias.
 
-    Derivation: derivations/01-linear.md, eqs. (1.3)-(1.5).
+    Each is the chain rule (1.2) summed over the outputs an input touches.
+    Derivation: derivations/01-linear.md, eqs. (1.2)-(1.5).
     """
     x, w, has_bias = cache
     xp = namespace(dout=dout, x=x)
