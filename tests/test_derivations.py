@@ -118,3 +118,11 @@ def test_python_blocks_run_and_print_what_the_text_shows(path):
 
 def test_citation_parser():
     assert citations("eqs. (3.1)-(3.3) and (3.7), eq. (2.4)") == {"3.1", "3.2", "3.3", "3.7", "2.4"}
+
+
+def test_readme_examples_run():
+    namespace = {}
+    for code in re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S):
+        with contextlib.redirect_stdout(io.StringIO()):
+            exec(compile(code, "README.md", "exec"), namespace)
+    assert namespace["report"].ok

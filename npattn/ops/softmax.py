@@ -34,7 +34,8 @@ def _stable_softmax(xp, x, axis):
     """Steps 1-4 of the forward. Returns ``(y, m, l)``; ``m``, ``l`` keep their reduced axis.
 
     Shared with attention, which needs the same fully-masked-row rule (and ``m``, ``l`` for the
-    log-sum-exp). Derivation: derivations/02-softmax.md, eq. (2.4).
+    log-sum-exp). Subtracting the max changes nothing (shift invariance) and keeps exp <= 1.
+    Derivation: derivations/02-softmax.md, eqs. (2.2) and (2.4).
     """
     m = xp.max(x, axis=axis, keepdims=True)                   # (..., 1)
     # A row that is all -inf (fully masked) would give exp(-inf - -inf) = NaN; shift it by 0
@@ -89,8 +90,9 @@ def softmax_forward(x, *, axis: int = -1):
 def softmax_backward(dout, cache: SoftmaxCache):
     """Backward of softmax: ``dx = y * (dout - sum(dout * y))`` along the cached axis.
 
-    This is ``J^T dout`` with ``J = diag(y) - y y^T`` applied without forming ``J``; each row of
-    ``dx`` sums to zero. Derivation: derivations/02-softmax.md, eq. (2.7).
+    This is ``J^T dout`` with ``J = diag(y) - y y^T`` (from dy_i/dx_j = y_i (delta_ij - y_j))
+    applied without forming ``J``; each row of ``dx`` sums to zero.
+    Derivation: derivations/02-softmax.md, eqs. (2.3) and (2.6)-(2.8).
     """
     y, axis = cache
     xp = namespace(dout=dout, y=y)
