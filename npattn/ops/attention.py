@@ -171,7 +171,7 @@ def attention_forward(q, k, v, *, mask=None, causal=False, scale=None, dropout_p
     o = xp.reshape(xp.reshape(p_d, lead + (G, R * n, m)) @ vc,
                    tuple(q.shape[:-1]) + (dv,))                          # (..., H, N, Dv)
     cache = AttentionCache(q=q, k=k, v=v, p=p, keep=keep, scale=scale, dropout_p=dropout_p)
-    return xp.astype(o, q.dtype), cache
+    return xp.astype(o, q.dtype, copy=False), cache
 
 
 def attention_backward(dout, cache: AttentionCache):
@@ -214,4 +214,4 @@ def attention_backward(dout, cache: AttentionCache):
     dk = scale * (dsg.mT @ grouped(qc, d))                               # (..., G, M, D)  eq. (3.11)
     dk, dv_ = xp.reshape(dk, k.shape), xp.reshape(dv_, v.shape)
     dt = q.dtype
-    return xp.astype(dq, dt), xp.astype(dk, dt), xp.astype(dv_, dt)
+    return tuple(xp.astype(a, dt, copy=False) for a in (dq, dk, dv_))

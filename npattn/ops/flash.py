@@ -110,12 +110,14 @@ class _Tiles:
         a5 = xp.reshape(a, self.lead + (self.G, self.R, self.n, c))     # (..., G, R, N, C)
         return xp.reshape(a5[..., i0:i1, :], self.lead + (self.G, self.R * (i1 - i0), c))
 
-    def join(self, tiles, c):
-        """The inverse of ``split`` over all query tiles: list of ``(..., G, R*bq, C)`` -> ``(..., H, N, C)``."""
-        xp = self.xp
-        parts = [xp.reshape(t, self.lead + (self.G, self.R, i1 - i0, c)) for t, (i0, i1) in zip(tiles, self.rows)]
-        joined = parts[0] if len(parts) == 1 else xp.concat(parts, axis=-2)   # (..., G, R, N, C)
-        return xp.reshape(joined, self.lead + (self.G * self.R, self.n, c))
+    def unsplit(self, tile, rows):
+        """The inverse of ``split`` for one tile: ``(..., G, R*bq, C)`` -> ``(..., G, R, bq, C)``,
+        ready to be written into rows ``i0:i1`` of a ``(..., G, R, N, C)`` array."""
+        return self.xp.reshape(tile, self.lead + (self.G, self.R, rows[1] - rows[0], tile.shape[-1]))
+
+    def zeros5(self, c, dtype):
+        """A q-side ``(..., G, R, N, C)`` output, filled tile by tile (its reshape to ``(..., H, N, C)`` is free)."""
+        return self.xp.zeros(self.lead + (self.G, self.R, self.n, c), dtype=dtype, device=device(self.like))
 
     def heads(self, x, rows):
         """A row statistic ``(..., G, R*bq, 1)`` as ``(..., H, bq)`` (a view), for ``FlashTile``."""
@@ -189,7 +191,7 @@ def flash_attention_forward(q, k, v, *, mask=None, causal=False, scale=None, blo
     kc, vc = to_compute(xp, k), to_compute(xp, v)
     zero = xp.zeros_like(t.neg_inf)
 
-    o_tiles, lse_tiles = [], []
+    o5, lse5 = t.zeros5(dv, zero.dtype), t.zeros5(1, zero.dtype)          # (..., G, R, N, Dv|1)
     for i, rows in enumerate(t.rows):
         q_i = t.split(qs, rows)                                             # (..., G, R*bq, D)
         m_i = l_i = acc = None                                              # -inf, 0, 0 before the first key tile
@@ -212,16 +214,16 @@ def flash_attention_forward(q, k, v, *, mask=None, causal=False, scale=None, blo
             m_i = m_new
             if on_tile is not None:
                 on_tile(FlashTile(i, j, *(t.heads(x, rows) for x in (m_i, l_i, alpha))))
-        if m_i is None:                                                     # causal hid every key tile
-            shape = t.lead + (G, R * (rows[1] - rows[0]), 1)
-            m_i, l_i = xp.full(shape, -xp.inf, dtype=zero.dtype, device=device(q)), xp.zeros(shape, dtype=zero.dtype, device=device(q))
-            acc = xp.zeros(shape[:-1] + (dv,), dtype=zero.dtype, device=device(q))
+        if m_i is None:                                                     # causal hid every key tile:
+            lse5[..., rows[0]:rows[1], :] = t.neg_inf                       # o stays 0, lse = -inf
+            continue
         # eq. (4.10); l_i == 0 exactly when the row saw no key: o = 0, lse = -inf
         empty = l_i == 0
-        o_tiles.append(acc * xp.where(empty, zero, 1.0 / xp.where(empty, xp.ones_like(l_i), l_i)))
-        lse_tiles.append(xp.where(empty, t.neg_inf, m_i + xp.log(xp.where(empty, xp.ones_like(l_i), l_i))))
-    o = xp.astype(t.join(o_tiles, dv), q.dtype)                             # (..., H, N, Dv)
-    lse = t.join(lse_tiles, 1)[..., 0]                                      # (..., H, N)
+        safe_l = xp.where(empty, xp.ones_like(l_i), l_i)
+        o5[..., rows[0]:rows[1], :] = t.unsplit(acc * xp.where(empty, zero, 1.0 / safe_l), rows)
+        lse5[..., rows[0]:rows[1], :] = t.unsplit(xp.where(empty, t.neg_inf, m_i + xp.log(safe_l)), rows)
+    o = xp.astype(xp.reshape(o5, tuple(q.shape[:-1]) + (dv,)), q.dtype, copy=False)   # (..., H, N, Dv)
+    lse = xp.reshape(lse5, tuple(q.shape[:-1]))                             # (..., H, N)
     return o, FlashCache(q=q, k=k, v=v, o=o, lse=lse, mask=mask, causal=causal, scale=scale,
                          block_q=block_q, block_k=block_k)
 
@@ -272,8 +274,10 @@ def flash_attention_backward(dout, cache: FlashCache, *, dlse=None):
     per_row = [(t.split(qs, rows), t.split(g, rows), t.split(lse_safe, rows), t.split(delta, rows))
                for rows in t.rows]                    # q-side tiles, sliced once (views when R == 1)
 
-    dq_tiles = [None] * len(t.rows)
-    dk_tiles, dv_tiles = [], []
+    # outputs written tile by tile; rows and keys no tile reaches keep their gradient 0
+    dq5 = t.zeros5(d, ct)                                                   # (..., G, R, N, D)
+    dk = xp.zeros(tuple(k.shape), dtype=ct, device=device(q))               # (..., G, M, D)
+    dv_ = xp.zeros(tuple(v.shape), dtype=ct, device=device(q))              # (..., G, M, Dv)
     for cols in t.cols:
         k_j, v_j = kc[..., cols[0]:cols[1], :], vc[..., cols[0]:cols[1], :]      # (..., G, bk, D|Dv)
         dk_j = dv_j = None
@@ -285,22 +289,14 @@ def flash_attention_backward(dout, cache: FlashCache, *, dlse=None):
             p = xp.exp(s - lse_i)                                           # eq. (5.4)
             dp = dout_i @ v_j.mT                                            # (..., G, R*bq, bk)    eq. (5.5)
             ds = p * (dp - delta_i)                                         # eq. (5.6)
-            dv_step, dk_step, dq_step = p.mT @ dout_i, ds.mT @ q_i, ds @ k_j   # eq. (5.5)
+            dv_step, dk_step = p.mT @ dout_i, ds.mT @ q_i                   # eq. (5.5); q_i carries the scale
             dv_j = dv_step if dv_j is None else dv_j + dv_step              # (..., G, bk, Dv)
-            dk_j = dk_step if dk_j is None else dk_j + dk_step              # (..., G, bk, D), still * scale
-            dq_tiles[i] = dq_step if dq_tiles[i] is None else dq_tiles[i] + dq_step
-        if dk_j is None:                                                    # no query sees these keys
-            bk = cols[1] - cols[0]
-            dk_j = xp.zeros(t.lead + (G, bk, d), dtype=ct, device=device(q))
-            dv_j = xp.zeros(t.lead + (G, bk, dv), dtype=ct, device=device(q))
-        dk_tiles.append(dk_j)
-        dv_tiles.append(dv_j)
-    for i, rows in enumerate(t.rows):
-        if dq_tiles[i] is None:                                             # no key visible to these queries
-            dq_tiles[i] = xp.zeros(t.lead + (G, R * (rows[1] - rows[0]), d), dtype=ct, device=device(q))
-    # qs already carried one factor of scale (dk = scale * ds^T q = ds^T qs); dq needs it once more
-    dq = t.join(dq_tiles, d) * scale                                        # (..., H, N, D)
-    dk = xp.concat(dk_tiles, axis=-2)                                       # (..., G, M, D)
-    dv_ = xp.concat(dv_tiles, axis=-2)                                      # (..., G, M, Dv)
+            dk_j = dk_step if dk_j is None else dk_j + dk_step              # (..., G, bk, D)
+            dq_i = dq5[..., rows[0]:rows[1], :]
+            dq5[..., rows[0]:rows[1], :] = dq_i + t.unsplit(ds @ k_j, rows) * scale   # (..., G, R, bq, D)
+        if dk_j is not None:
+            dk[..., cols[0]:cols[1], :] = dk_j
+            dv_[..., cols[0]:cols[1], :] = dv_j
+    dq = xp.reshape(dq5, tuple(q.shape))                                    # (..., H, N, D)
     dt = q.dtype
-    return xp.astype(dq, dt), xp.astype(dk, dt), xp.astype(dv_, dt)
+    return tuple(xp.astype(a, dt, copy=False) for a in (dq, dk, dv_))

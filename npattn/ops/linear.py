@@ -63,7 +63,7 @@ def linear_forward(x, w, b=None):
     y = to_compute(xp, x) @ to_compute(xp, w)                # (..., E_out)   eq. (1.1)
     if b is not None:
         y = y + to_compute(xp, b)
-    return xp.astype(y, x.dtype), LinearCache(x=x, w=w, has_bias=b is not None)
+    return xp.astype(y, x.dtype, copy=False), LinearCache(x=x, w=w, has_bias=b is not None)
 
 
 def linear_backward(dout, cache: LinearCache):
@@ -91,4 +91,4 @@ def linear_backward(dout, cache: LinearCache):
     db = xp.sum(g2, axis=0) if has_bias else None            # (E_out,)       eq. (1.5)
 
     dt = x.dtype
-    return xp.astype(dx, dt), xp.astype(dw, dt), (xp.astype(db, dt) if db is not None else None)
+    return tuple(None if a is None else xp.astype(a, dt, copy=False) for a in (dx, dw, db))

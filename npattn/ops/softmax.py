@@ -83,7 +83,7 @@ def softmax_forward(x, *, axis: int = -1):
     if not -x.ndim <= axis < x.ndim:
         raise ValueError(f"axis {axis} is out of range for x of shape {tuple(x.shape)}")
     y, _, _ = _stable_softmax(xp, to_compute(xp, x), axis)
-    y = xp.astype(y, x.dtype)
+    y = xp.astype(y, x.dtype, copy=False)
     return y, SoftmaxCache(y=y, axis=axis)
 
 
@@ -104,7 +104,7 @@ def softmax_backward(dout, cache: SoftmaxCache):
     yc, g = to_compute(xp, y), to_compute(xp, dout)
     # step 4 (y = e / l) and steps 1-3 together: eq. (2.7)
     dx = yc * (g - xp.sum(g * yc, axis=axis, keepdims=True))  # (..., n)
-    return xp.astype(dx, y.dtype)
+    return xp.astype(dx, y.dtype, copy=False)
 
 
 def softmax_jacobian(y):
