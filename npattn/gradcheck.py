@@ -135,7 +135,7 @@ def gradcheck(forward, backward, inputs, *, kwargs=None, eps=1e-6, rtol=1e-6, at
         index = xp.arange(size, device=device(like))
         if mode == "full":
             numeric = [derivative(i, xp.reshape(xp.astype(index == t, xp.float64), shape)) for t in range(size)]
-            analytic = [float(g64[t]) for t in range(size)]  # one scalar per element
+            analytic = g64                                                  # compared on its own device
         else:
             numeric, analytic = [], []
             for _ in range(directions):
@@ -144,9 +144,10 @@ def gradcheck(forward, backward, inputs, *, kwargs=None, eps=1e-6, rtol=1e-6, at
                 u_x = from_numpy(xp, u, like)
                 numeric.append(derivative(i, xp.reshape(u_x, shape)))
                 analytic.append(float(xp.sum(g64 * u_x)))
-        err = np.abs(np.asarray(analytic) - np.asarray(numeric))
-        scale = float(np.max(np.abs(numeric))) if numeric else 0.0
-        max_abs = float(np.max(err)) if err.size else 0.0
+            analytic = from_numpy(xp, np.asarray(analytic), like)
+        numeric_x = from_numpy(xp, np.asarray(numeric, dtype=np.float64), like)
+        scale = float(xp.max(xp.abs(numeric_x))) if size else 0.0
+        max_abs = float(xp.max(xp.abs(analytic - numeric_x))) if size else 0.0
         max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf"))
         ok = bool(max_abs <= atol + rtol * scale)  # False for NaN
         rows.append(GradcheckRow(name, shape, max_abs, max_rel, ok))

@@ -108,6 +108,12 @@ def _check_dropout(dropout_p):
     return float(dropout_p)
 
 
+def _dropout(xp, x, keep, dropout_p):
+    """``x * z / (1 - dropout_p)``: the forward of step 4 on ``p`` (eq. (3.5)) and, being linear with
+    a constant mask, its own backward on ``dp`` (eq. (3.8))."""
+    return xp.where(keep, x / (1.0 - dropout_p), xp.zeros_like(x))
+
+
 def attention_forward(q, k, v, *, mask=None, causal=False, scale=None, dropout_p=0.0, rng=None):
     """Scaled dot-product attention ``o = dropout(softmax(scale * q k^T + mask)) v``.
 
@@ -166,7 +172,7 @@ def attention_forward(q, k, v, *, mask=None, causal=False, scale=None, dropout_p
     if dropout_p > 0.0:
         z = host_rng(rng).random(scores_shape) >= dropout_p              # (..., H, N, M) on host
         keep = from_numpy(xp, z, like=q)
-        p_d = xp.where(keep, p / (1.0 - dropout_p), xp.zeros_like(p))
+        p_d = _dropout(xp, p, keep, dropout_p)
     # 5. weighted sum of values: eq. (3.6)
     o = xp.reshape(xp.reshape(p_d, lead + (G, R * n, m)) @ vc,
                    tuple(q.shape[:-1]) + (dv,))                          # (..., H, N, Dv)
@@ -198,14 +204,14 @@ def attention_backward(dout, cache: AttentionCache):
         return xp.reshape(a, lead + (G, R * n, cols))                    # (..., G, R*N, cols)
 
     # in the forward pass this was step 4: p_d = p * z / (1 - dropout_p)
-    p_d = p if keep is None else xp.where(keep, p / (1.0 - dropout_p), xp.zeros_like(p))
+    p_d = p if keep is None else _dropout(xp, p, keep, dropout_p)
     # step 5, o = p_d v: eq. (3.7); the matmul over R*N rows sums each group's heads
     gg = grouped(g, dv)                                                  # (..., G, R*N, Dv)
     dv_ = grouped(p_d, m).mT @ gg                                        # (..., G, M, Dv)
     dp = xp.reshape(gg @ vc.mT, p.shape)                                 # (..., H, N, M)
     # step 4, dropout: eq. (3.8)
     if keep is not None:
-        dp = xp.where(keep, dp / (1.0 - dropout_p), xp.zeros_like(dp))
+        dp = _dropout(xp, dp, keep, dropout_p)
     # step 3, softmax: eq. (3.9)
     ds = p * (dp - xp.sum(p * dp, axis=-1, keepdims=True))               # (..., H, N, M)
     # step 1, s = scale * q k^T: eq. (3.10)
