@@ -9,11 +9,14 @@ Numerics policy and dtype rules: derivations/00-notation.md, section "Numerics".
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import numbers
+import threading
 
 import numpy as np
-from array_api_compat import array_namespace, device, is_array_api_obj
+from array_api_compat import array_namespace, device, is_array_api_obj, is_cupy_namespace
 
 __all__ = [
     "namespace",
@@ -25,6 +28,8 @@ __all__ = [
     "pad_dims",
     "check_scale",
     "check_block",
+    "check_workers",
+    "one_blas_thread",
     "host_rng",
     "from_numpy",
     "device",
@@ -99,6 +104,44 @@ def check_block(name: str, value) -> int:
     if value < 1:
         raise ValueError(f"{name} must be >= 1, got {value}")
     return int(value)
+
+
+def check_workers(xp, workers) -> int:
+    """Threads for the tiled op's outer tile loop: an int >= 1. More than 1 is for arrays in host
+    memory (a GPU already runs every tile in parallel) and needs threadpoolctl, see ``one_blas_thread``."""
+    if isinstance(workers, bool) or not isinstance(workers, numbers.Integral):
+        raise TypeError(f"workers must be an int, got {workers!r}")
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    if workers > 1 and is_cupy_namespace(xp):
+        raise ValueError(f"workers > 1 runs tiles on CPU threads; CuPy arrays need workers=1, got {workers}")
+    if workers > 1 and _blas_controller() is None:
+        raise ModuleNotFoundError(
+            f"workers={workers} needs threadpoolctl, to keep BLAS on one thread inside each worker "
+            "(otherwise the threads oversubscribe the cores and run slower than workers=1): "
+            "pip install 'npattn[threads]'")
+    return int(workers)
+
+
+@functools.lru_cache(maxsize=1)
+def _blas_controller():
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:
+        return None
+    return ThreadpoolController()
+
+
+_blas_limit_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def one_blas_thread():
+    """BLAS on one thread while the block runs, so that ``workers`` threads each running their own
+    matmuls use one core each instead of ``workers`` x (BLAS threads). The limit is process-wide, so
+    parallel sections of concurrent calls take turns (a lock) and the old setting always comes back."""
+    with _blas_limit_lock, _blas_controller().limit(limits=1, user_api="blas"):
+        yield
 
 
 def pad_dims(x, ndim: int, xp):

@@ -15,6 +15,7 @@ spread (min-max), the ratio to naive npattn at the same setting, achieved GFLOP/
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import time
@@ -25,12 +26,22 @@ import numpy as np
 
 from .ops import attention_backward, attention_forward, flash_attention_backward, flash_attention_forward
 
-__all__ = ["BenchConfig", "run_bench", "format_table", "DEFAULT_BLOCK"]
+__all__ = ["BenchConfig", "run_bench", "format_table", "DEFAULT_BLOCK", "default_workers"]
 
 # Tile size for the tiled rows, chosen by measurement on the 2-core CI machine: fwd+bwd at
 # B=1, H=8, N=M=4096, D=64, float32 took 1.79 s with 64, 1.06 s with 128, 0.87 s with 256,
 # 0.93 s with 512 and 1.22 s with 1024 (benchmarks/RESULTS.md, "Block size").
 DEFAULT_BLOCK = 256
+
+
+def default_workers() -> int:
+    """Threads for the ``tiled`` rows: every core this process may use, when threadpoolctl is
+    installed (``workers > 1`` needs it); else 1."""
+    try:
+        import threadpoolctl  # noqa: F401
+    except ImportError:
+        return 1
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 @dataclass
@@ -39,11 +50,13 @@ class BenchConfig:
     dtypes: list = field(default_factory=lambda: ["float32", "float64"])
     causal: list = field(default_factory=lambda: [False, True])
     passes: list = field(default_factory=lambda: ["fwd", "fwd+bwd"])
-    impls: list = field(default_factory=lambda: ["naive", "tiled", "torch", "torch-math"])
+    # "tiled" runs on ``workers`` threads, "tiled-1" on one (the teaching default), side by side
+    impls: list = field(default_factory=lambda: ["naive", "tiled", "tiled-1", "torch", "torch-math"])
     batch: int = 1
     heads: int = 8
     dim: int = 64
     block: int = DEFAULT_BLOCK
+    workers: int = field(default_factory=default_workers)
     repeats: int = 3
     memory: bool = True
     seed: int = 0
@@ -55,14 +68,17 @@ def _flops(n: int, m: int, d: int, dv: int, bh: int, causal: bool, passes: str) 
     return per_pass * (3.0 if passes == "fwd+bwd" else 1.0)
 
 
-def _numpy_runner(impl, q, k, v, dout, causal, passes, block):
+def _numpy_runner(impl, q, k, v, dout, causal, passes, block, workers):
+    workers = 1 if impl == "tiled-1" else workers
+
     def run():
         if impl == "naive":
             o, cache = attention_forward(q, k, v, causal=causal)
             if passes == "fwd+bwd":
                 attention_backward(dout, cache)
         else:
-            o, cache = flash_attention_forward(q, k, v, causal=causal, block_q=block, block_k=block)
+            o, cache = flash_attention_forward(q, k, v, causal=causal, block_q=block, block_k=block,
+                                               workers=workers)
             if passes == "fwd+bwd":
                 flash_attention_backward(dout, cache)
 
@@ -132,7 +148,7 @@ def run_bench(cfg: BenchConfig, progress=None) -> list[dict]:
                                 continue
                             run = _torch_runner(impl, q, k, v, dout, causal, passes)
                         else:
-                            run = _numpy_runner(impl, q, k, v, dout, causal, passes, cfg.block)
+                            run = _numpy_runner(impl, q, k, v, dout, causal, passes, cfg.block, cfg.workers)
                         run()                                                  # warm-up
                         times = []
                         for _ in range(cfg.repeats):
@@ -148,7 +164,8 @@ def run_bench(cfg: BenchConfig, progress=None) -> list[dict]:
                                    median_ms=med, min_ms=min(times), max_ms=max(times),
                                    vs_naive=(med / base_ms) if base_ms else None,
                                    gflops=flops / (med * 1e-3) / 1e9, peak_mib=peak,
-                                   block=cfg.block if impl == "tiled" else None)
+                                   block=cfg.block if impl.startswith("tiled") else None,
+                                   workers=(1 if impl == "tiled-1" else cfg.workers) if impl.startswith("tiled") else None)
                         rows.append(row)
                         if progress:
                             progress(row)

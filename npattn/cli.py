@@ -47,8 +47,10 @@ def bench(args) -> int:
 
     cfg = BenchConfig(lengths=args.n, dtypes=args.dtype, causal=args.causal, passes=args.passes,
                       impls=args.impl, batch=args.batch, heads=args.heads, dim=args.dim,
-                      block=args.block, repeats=args.repeats, memory=not args.no_memory, seed=args.seed)
+                      block=args.block, workers=args.workers, repeats=args.repeats, memory=not args.no_memory,
+                      seed=args.seed)
     print(f"npattn bench: B={cfg.batch} H={cfg.heads} D=Dv={cfg.dim} N=M in {cfg.lengths}, tiles {cfg.block}, "
+          f"tiled on {cfg.workers} worker{'s' if cfg.workers > 1 else ''}, "
           f"median of {cfg.repeats}" + ("" if torch_available() else " (torch not installed: no torch rows)"),
           flush=True)
     print(HEADER, flush=True)
@@ -81,11 +83,13 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--causal", type=truth, nargs="+", default=d.causal, help="yes and/or no")
     b.add_argument("--passes", nargs="+", default=d.passes, choices=["fwd", "fwd+bwd"])
     b.add_argument("--impl", nargs="+", default=d.impls,
-                   choices=["naive", "tiled", "torch", "torch-math"])
+                   choices=["naive", "tiled", "tiled-1", "torch", "torch-math"])
     b.add_argument("--batch", type=int, default=d.batch)
     b.add_argument("--heads", type=int, default=d.heads)
     b.add_argument("--dim", type=int, default=d.dim)
     b.add_argument("--block", type=int, default=d.block, help="tile size of the tiled rows")
+    b.add_argument("--workers", type=int, default=d.workers,
+                   help="threads of the 'tiled' rows (default: the cores, with threadpoolctl; 'tiled-1' uses 1)")
     b.add_argument("--repeats", type=int, default=d.repeats)
     b.add_argument("--no-memory", action="store_true", help="skip the tracemalloc peak-memory runs")
     b.add_argument("--seed", type=int, default=0)

@@ -51,6 +51,17 @@ def test_bench_prints_rows_and_json(tmp_path, capsys):
     assert data["config"]["block"] == 16
 
 
+def test_bench_tiled_rows_on_workers_and_on_one(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    assert main(["bench", "--n", "40", "--dtype", "float32", "--causal", "yes", "--passes", "fwd+bwd",
+                 "--repeats", "1", "--block", "8", "--workers", "2", "--impl", "tiled", "tiled-1",
+                 "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "tiled on 2 workers" in out and "\ntiled-1 " in out
+    rows = json.loads(path.read_text())["rows"]
+    assert [(r["impl"], r["workers"]) for r in rows] == [("tiled", 2), ("tiled-1", 1)]
+
+
 def test_bench_torch_rows_when_available(capsys):
     pytest.importorskip("torch")
     assert main(["bench", "--n", "32", "--dtype", "float32", "--causal", "no", "--passes", "fwd+bwd",

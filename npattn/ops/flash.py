@@ -30,10 +30,12 @@ Backward (derivations/05-flash-backward.md):
         dp   = dout_i v_j^T                               eq. (5.5)
         ds   = p * (dp - delta_i)                         eq. (5.6)
         dq_i += scale * ds k_j,  dk_j += scale * ds^T q_i eq. (5.5)
+    (the backward scales each key tile, k_j * scale, instead of all of q: no N x D copy)
 """
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, NamedTuple, Optional
 
 from ..backend import (
@@ -41,9 +43,11 @@ from ..backend import (
     check_float,
     check_mask,
     check_scale,
+    check_workers,
     compute_dtype,
     device,
     namespace,
+    one_blas_thread,
     to_compute,
 )
 from .attention import causal_allowed, check_qkv
@@ -69,6 +73,7 @@ class FlashCache(NamedTuple):
     scale: float
     block_q: int
     block_k: int
+    workers: int = 1  # the backward's default: threads for its outer (key tile) loop
 
 
 class FlashTile(NamedTuple):
@@ -83,6 +88,27 @@ class FlashTile(NamedTuple):
     m_i: object
     l_i: object
     alpha: object
+
+
+def _shares(n_tiles: int, workers: int) -> list:
+    """Split the outer loop's tiles ``0..n_tiles-1`` among workers round robin: share ``w`` gets
+    ``w, w + W, w + 2W, ...``. Fixed, not first-come: which thread adds which dq term, and so every
+    rounding, does not depend on timing. Round robin also evens out causal's unequal tiles."""
+    return [range(w, n_tiles, workers) for w in range(max(1, min(workers, n_tiles)))]
+
+
+def _grid(run_share, shares, *per_share):
+    """FlashAttention-2's parallel grid on CPU threads: ``run_share(share, *extras)`` for each share,
+    on its own thread when there are several (BLAS kept to one thread meanwhile, so each worker uses
+    one core), else inline. ``per_share`` lists give each share its own extra argument.
+    Derivation: derivations/05-flash-backward.md, eq. (5.8)."""
+    args = [(share, *(extra[w] for extra in per_share)) for w, share in enumerate(shares)]
+    if len(args) == 1:
+        run_share(*args[0])
+        return
+    with one_blas_thread(), ThreadPoolExecutor(len(args)) as pool:
+        for done in [pool.submit(run_share, *a) for a in args]:
+            done.result()                             # re-raises a worker's exception here
 
 
 class _Tiles:
@@ -154,7 +180,7 @@ class _Tiles:
 
 
 def flash_attention_forward(q, k, v, *, mask=None, causal=False, scale=None, block_q=64, block_k=64,
-                            on_tile: Optional[Callable[[FlashTile], None]] = None):
+                            on_tile: Optional[Callable[[FlashTile], None]] = None, workers: int = 1):
     """Attention computed tile by tile with an online softmax (FlashAttention-2 forward).
 
     Parameters
@@ -165,7 +191,13 @@ def flash_attention_forward(q, k, v, *, mask=None, causal=False, scale=None, blo
         Query and key tile sizes; they need not divide N or M (the last tiles are ragged).
     on_tile : callable, optional
         Called with a ``FlashTile`` after every (query tile, key tile) step, to watch the online
-        softmax state; costs nothing when None.
+        softmax state; costs nothing when None. With ``workers > 1`` it is called from the worker
+        threads, key tiles in order within a query tile, query tiles interleaved.
+    workers : int >= 1
+        Threads for the outer loop, as FlashAttention-2 spreads query tiles over thread blocks
+        (eq. (4.11)); each query tile is still computed exactly as with 1 worker, so ``o`` and
+        ``lse`` are bitwise the same. More than 1 needs threadpoolctl (BLAS runs single-threaded
+        meanwhile) and host arrays. Also the backward's default.
 
     Returns
     -------
@@ -179,56 +211,64 @@ def flash_attention_forward(q, k, v, *, mask=None, causal=False, scale=None, blo
     G, R = check_qkv(xp, q, k, v)
     scale = check_scale(scale, q.shape[-1])
     block_q, block_k = check_block("block_q", block_q), check_block("block_k", block_k)
+    workers = check_workers(xp, workers)
     if q.ndim == 2:                                   # one head: run as (1, N, D) and drop the axis
         check_mask(xp, mask, (q.shape[0], k.shape[0]), q.dtype)
         o, cache = flash_attention_forward(q[None, ...], k[None, ...], v[None, ...], mask=mask, causal=causal,
-                                           scale=scale, block_q=block_q, block_k=block_k, on_tile=on_tile)
+                                           scale=scale, block_q=block_q, block_k=block_k, on_tile=on_tile,
+                                           workers=workers)
         return o[0, ...], cache._replace(q=q, k=k, v=v, o=o[0, ...], lse=cache.lse[0, ...])
     m, dv = k.shape[-2], v.shape[-1]
     mask = check_mask(xp, mask, tuple(q.shape[:-1]) + (m,), q.dtype)
     t = _Tiles(xp, q, k, mask, causal, block_q, block_k, G, R)
-    qs = to_compute(xp, q) * scale                    # fold the scale into q once: O(N D) work
+    qc = to_compute(xp, q)
     kc, vc = to_compute(xp, k), to_compute(xp, v)
     zero = xp.zeros_like(t.neg_inf)
 
     o5, lse5 = t.zeros5(dv, zero.dtype), t.zeros5(1, zero.dtype)          # (..., G, R, N, Dv|1)
-    for i, rows in enumerate(t.rows):
-        q_i = t.split(qs, rows)                                             # (..., G, R*bq, D)
-        m_i = l_i = acc = None                                              # -inf, 0, 0 before the first key tile
-        for j, cols in enumerate(t.cols):
-            if not t.visible(rows, cols):
-                break                                                       # every later tile is hidden too
-            k_j, v_j = kc[..., cols[0]:cols[1], :], vc[..., cols[0]:cols[1], :]   # (..., G, bk, D|Dv)
-            s = t.scores_mask(q_i @ k_j.mT, rows, cols)                     # (..., G, R*bq, bk)   eq. (4.5)
-            m_tile = xp.max(s, axis=-1, keepdims=True)                      # (..., G, R*bq, 1)
-            m_new = m_tile if m_i is None else xp.maximum(m_i, m_tile)      # eq. (4.6)
-            m_safe = xp.where(m_new == -xp.inf, zero, m_new)                # all -inf so far: shift by 0
-            p = xp.exp(s - m_safe)                                          # (..., G, R*bq, bk)   eq. (4.7)
-            if m_i is None:
-                alpha = xp.zeros_like(m_safe)
-                l_i, acc = xp.sum(p, axis=-1, keepdims=True), p @ v_j      # eqs. (4.8)-(4.9)
-            else:
-                alpha = xp.exp(m_i - m_safe)                                # (..., G, R*bq, 1)    eq. (4.7)
-                l_i = alpha * l_i + xp.sum(p, axis=-1, keepdims=True)      # eq. (4.8)
-                acc = alpha * acc + p @ v_j                                 # (..., G, R*bq, Dv)   eq. (4.9)
-            m_i = m_new
-            if on_tile is not None:
-                on_tile(FlashTile(i, j, *(t.heads(x, rows) for x in (m_i, l_i, alpha))))
-        if m_i is None:                                                     # causal hid every key tile:
-            lse5[..., rows[0]:rows[1], :] = t.neg_inf                       # o stays 0, lse = -inf
-            continue
-        # eq. (4.10); l_i == 0 exactly when the row saw no key: o = 0, lse = -inf
-        empty = l_i == 0
-        safe_l = xp.where(empty, xp.ones_like(l_i), l_i)
-        o5[..., rows[0]:rows[1], :] = t.unsplit(acc * xp.where(empty, zero, 1.0 / safe_l), rows)
-        lse5[..., rows[0]:rows[1], :] = t.unsplit(xp.where(empty, t.neg_inf, m_i + xp.log(safe_l)), rows)
+
+    def query_tiles(share):                           # query tiles are independent: eq. (4.11)
+        for i in share:
+            rows = t.rows[i]
+            q_i = t.split(qc, rows) * scale                                 # (..., G, R*bq, D), scaled once per tile
+            m_i = l_i = acc = None                                          # -inf, 0, 0 before the first key tile
+            for j, cols in enumerate(t.cols):
+                if not t.visible(rows, cols):
+                    break                                                   # every later tile is hidden too
+                k_j, v_j = kc[..., cols[0]:cols[1], :], vc[..., cols[0]:cols[1], :]   # (..., G, bk, D|Dv)
+                s = t.scores_mask(q_i @ k_j.mT, rows, cols)                 # (..., G, R*bq, bk)   eq. (4.5)
+                m_tile = xp.max(s, axis=-1, keepdims=True)                  # (..., G, R*bq, 1)
+                m_new = m_tile if m_i is None else xp.maximum(m_i, m_tile)  # eq. (4.6)
+                m_safe = xp.where(m_new == -xp.inf, zero, m_new)            # all -inf so far: shift by 0
+                s -= m_safe                                                 # in place: s is this step's own array
+                p = xp.exp(s)                                               # (..., G, R*bq, bk)   eq. (4.7)
+                if m_i is None:
+                    alpha = xp.zeros_like(m_safe)
+                    l_i, acc = xp.sum(p, axis=-1, keepdims=True), p @ v_j  # eqs. (4.8)-(4.9)
+                else:
+                    alpha = xp.exp(m_i - m_safe)                            # (..., G, R*bq, 1)    eq. (4.7)
+                    l_i = alpha * l_i + xp.sum(p, axis=-1, keepdims=True)  # eq. (4.8)
+                    acc = alpha * acc + p @ v_j                             # (..., G, R*bq, Dv)   eq. (4.9)
+                m_i = m_new
+                if on_tile is not None:
+                    on_tile(FlashTile(i, j, *(t.heads(x, rows) for x in (m_i, l_i, alpha))))
+            if m_i is None:                                                 # causal hid every key tile:
+                lse5[..., rows[0]:rows[1], :] = t.neg_inf                   # o stays 0, lse = -inf
+                continue
+            # eq. (4.10); l_i == 0 exactly when the row saw no key: o = 0, lse = -inf
+            empty = l_i == 0
+            safe_l = xp.where(empty, xp.ones_like(l_i), l_i)
+            o5[..., rows[0]:rows[1], :] = t.unsplit(acc * xp.where(empty, zero, 1.0 / safe_l), rows)
+            lse5[..., rows[0]:rows[1], :] = t.unsplit(xp.where(empty, t.neg_inf, m_i + xp.log(safe_l)), rows)
+
+    _grid(query_tiles, _shares(len(t.rows), workers))
     o = xp.astype(xp.reshape(o5, tuple(q.shape[:-1]) + (dv,)), q.dtype, copy=False)   # (..., H, N, Dv)
     lse = xp.reshape(lse5, tuple(q.shape[:-1]))                             # (..., H, N)
     return o, FlashCache(q=q, k=k, v=v, o=o, lse=lse, mask=mask, causal=causal, scale=scale,
-                         block_q=block_q, block_k=block_k)
+                         block_q=block_q, block_k=block_k, workers=workers)
 
 
-def flash_attention_backward(dout, cache: FlashCache, *, dlse=None):
+def flash_attention_backward(dout, cache: FlashCache, *, dlse=None, workers: Optional[int] = None):
     """Gradients of ``flash_attention_forward``: ``(dq, dk, dv)``, recomputing ``p`` tile by tile.
 
     Parameters
@@ -238,12 +278,17 @@ def flash_attention_backward(dout, cache: FlashCache, *, dlse=None):
     dlse : array (..., H, N) or None
         Gradient flowing into ``cache.lse`` (e.g. from a loss that uses the log-partition);
         handled exactly: it shifts ``delta`` by ``-dlse`` (derivations/05-flash-backward.md, eq. (5.6)).
+    workers : int >= 1, optional
+        Threads for the outer (key tile) loop, as FlashAttention-2 spreads key tiles over thread
+        blocks; each share of key tiles adds into its own dq, and the shares are summed in a fixed
+        order, eq. (5.8), so results do not depend on timing. Defaults to the forward's ``workers``.
 
     Derivation: derivations/05-flash-backward.md, eqs. (5.1)-(5.2) (recomputing p) and
     (5.3)-(5.6) (the loop).
     """
-    q, k, v, o, lse, mask, causal, scale, block_q, block_k = cache
+    q, k, v, o, lse, mask, causal, scale, block_q, block_k, cache_workers = cache
     xp = namespace(dout=dout, q=q, dlse=dlse)
+    workers = check_workers(xp, cache_workers if workers is None else workers)
     check_float(xp, "dout", dout)
     if tuple(dout.shape) != tuple(o.shape):
         raise ValueError(f"dout must have the output's shape {tuple(o.shape)}, got {tuple(dout.shape)}")
@@ -255,14 +300,15 @@ def flash_attention_backward(dout, cache: FlashCache, *, dlse=None):
             raise ValueError(f"dlse must have lse's shape {tuple(lse.shape)}, got {tuple(dlse.shape)}")
     if q.ndim == 2:                                   # one head: run as (1, N, D) and drop the axis
         inner = cache._replace(q=q[None, ...], k=k[None, ...], v=v[None, ...], o=o[None, ...], lse=lse[None, ...])
-        grads = flash_attention_backward(dout[None, ...], inner, dlse=None if dlse is None else dlse[None, ...])
+        grads = flash_attention_backward(dout[None, ...], inner, dlse=None if dlse is None else dlse[None, ...],
+                                         workers=workers)
         return tuple(g[0, ...] for g in grads)
     G = k.shape[-3]
     R = q.shape[-3] // G
     d, dv = q.shape[-1], v.shape[-1]
     t = _Tiles(xp, q, k, mask, causal, block_q, block_k, G, R)
     ct = compute_dtype(xp, q.dtype)
-    qs = to_compute(xp, q) * scale                    # (..., H, N, D), the forward's scaled q
+    qc = to_compute(xp, q)
     kc, vc, g = to_compute(xp, k), to_compute(xp, v), to_compute(xp, dout)
 
     # eq. (5.3): delta = rowsum(dout * o) = rowsum(p * dp), O(N Dv) instead of O(N M); eq. (5.6): - dlse
@@ -271,32 +317,43 @@ def flash_attention_backward(dout, cache: FlashCache, *, dlse=None):
         delta = delta - xp.astype(dlse, ct)[..., None]
     # a row that saw no key has lse = -inf and every s = -inf: subtract 0 so p = exp(-inf) = 0
     lse_safe = xp.where(lse == -xp.inf, xp.zeros_like(lse), lse)[..., None]   # (..., H, N, 1)
-    per_row = [(t.split(qs, rows), t.split(g, rows), t.split(lse_safe, rows), t.split(delta, rows))
+    per_row = [(t.split(qc, rows), t.split(g, rows), t.split(lse_safe, rows), t.split(delta, rows))
                for rows in t.rows]                    # q-side tiles, sliced once (views when R == 1)
 
     # outputs written tile by tile; rows and keys no tile reaches keep their gradient 0
-    dq5 = t.zeros5(d, ct)                                                   # (..., G, R, N, D)
+    shares = _shares(len(t.cols), workers)
+    dq5s = [t.zeros5(d, ct) for _ in shares]                               # (..., G, R, N, D) per share
     dk = xp.zeros(tuple(k.shape), dtype=ct, device=device(q))               # (..., G, M, D)
     dv_ = xp.zeros(tuple(v.shape), dtype=ct, device=device(q))              # (..., G, M, Dv)
-    for cols in t.cols:
-        k_j, v_j = kc[..., cols[0]:cols[1], :], vc[..., cols[0]:cols[1], :]      # (..., G, bk, D|Dv)
-        dk_j = dv_j = None
-        for i, rows in enumerate(t.rows):
-            if not t.visible(rows, cols):
-                continue                                                    # causal hides the tile: skipped
-            q_i, dout_i, lse_i, delta_i = per_row[i]
-            s = t.scores_mask(q_i @ k_j.mT, rows, cols)                     # (..., G, R*bq, bk)
-            p = xp.exp(s - lse_i)                                           # eq. (5.4)
-            dp = dout_i @ v_j.mT                                            # (..., G, R*bq, bk)    eq. (5.5)
-            ds = p * (dp - delta_i)                                         # eq. (5.6)
-            dv_step, dk_step = p.mT @ dout_i, ds.mT @ q_i                   # eq. (5.5); q_i carries the scale
-            dv_j = dv_step if dv_j is None else dv_j + dv_step              # (..., G, bk, Dv)
-            dk_j = dk_step if dk_j is None else dk_j + dk_step              # (..., G, bk, D)
-            dq_i = dq5[..., rows[0]:rows[1], :]
-            dq5[..., rows[0]:rows[1], :] = dq_i + t.unsplit(ds @ k_j, rows) * scale   # (..., G, R, bq, D)
-        if dk_j is not None:
-            dk[..., cols[0]:cols[1], :] = dk_j
-            dv_[..., cols[0]:cols[1], :] = dv_j
+
+    def key_tiles(share, dq5):                        # key tiles own dk_j, dv_j; dq is shared: eq. (5.8)
+        for j in share:
+            cols = t.cols[j]
+            k_j, v_j = kc[..., cols[0]:cols[1], :] * scale, vc[..., cols[0]:cols[1], :]  # (..., G, bk, D|Dv)
+            dk_j = dv_j = None                                              # k_j carries the scale
+            for i, rows in enumerate(t.rows):
+                if not t.visible(rows, cols):
+                    continue                                                # causal hides the tile: skipped
+                q_i, dout_i, lse_i, delta_i = per_row[i]
+                s = t.scores_mask(q_i @ k_j.mT, rows, cols)                 # (..., G, R*bq, bk)
+                s -= lse_i                                                  # in place: this step's own array
+                p = xp.exp(s)                                               # eq. (5.4)
+                dp = dout_i @ v_j.mT                                        # (..., G, R*bq, bk)    eq. (5.5)
+                dp -= delta_i
+                ds = p * dp                                                 # eq. (5.6): p * (dp - delta_i)
+                dv_step, dk_step = p.mT @ dout_i, ds.mT @ q_i               # eq. (5.5); scaled below
+                dv_j = dv_step if dv_j is None else dv_j + dv_step          # (..., G, bk, Dv)
+                dk_j = dk_step if dk_j is None else dk_j + dk_step          # (..., G, bk, D)
+                dq_i = dq5[..., rows[0]:rows[1], :]
+                dq5[..., rows[0]:rows[1], :] = dq_i + t.unsplit(ds @ k_j, rows)   # (..., G, R, bq, D)
+            if dk_j is not None:
+                dk[..., cols[0]:cols[1], :] = dk_j * scale
+                dv_[..., cols[0]:cols[1], :] = dv_j
+
+    _grid(key_tiles, shares, dq5s)
+    dq5 = dq5s[0]
+    for part in dq5s[1:]:                             # eq. (5.8): the shares' dq, summed in a fixed order
+        dq5 += part                                   # in place: our own buffer, no N x D temporary
     dq = xp.reshape(dq5, tuple(q.shape))                                    # (..., H, N, D)
     dt = q.dtype
     return tuple(xp.astype(a, dt, copy=False) for a in (dq, dk, dv_))

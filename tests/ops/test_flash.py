@@ -205,6 +205,109 @@ def test_bad_backward_arguments(rng):
         flash_attention_forward(q, k[:, :1].repeat(3, 1), v[:, :1].repeat(3, 1))
 
 
+# --- workers: FlashAttention-2's parallel grid on CPU threads (derivations 04, eq. (4.11); 05, eq. (5.8))
+
+def run_pair(q, k, v, dout, workers, **kwargs):
+    o, cache = flash_attention_forward(q, k, v, workers=workers, **kwargs)
+    return (o, cache.lse) + flash_attention_backward(dout, cache)
+
+
+@given(shapes, blocks, blocks, st.booleans(), st.sampled_from(["none", "bool"]), st.integers(2, 5),
+       st.integers(0, 2**16))
+def test_workers_match_one_worker(shape, block_q, block_k, causal, mask_kind, workers, seed):
+    lead, (h, g), n, m, d, dv = shape
+    rng = np.random.default_rng(seed)
+    q, k, v, dout = make(rng, lead, h, g, n, m, d, dv)
+    mask = None if mask_kind == "none" else rng.random((h, n, m)) > 0.4
+    kw = dict(block_q=block_q, block_k=block_k, causal=causal, mask=mask)
+    o1, lse1, dq1, dk1, dv1 = run_pair(q, k, v, dout, 1, **kw)
+    o, lse, dq, dk, dv = run_pair(q, k, v, dout, workers, **kw)
+    # each query tile (forward) and key tile (dk, dv) runs the same operations: the same bits
+    for name, a, b in [("o", o, o1), ("lse", lse, lse1), ("dk", dk, dk1), ("dv", dv, dv1)]:
+        np.testing.assert_array_equal(a, b, err_msg=name)
+    # dq sums the shares' partials: regrouped, so equal only to rounding
+    np.testing.assert_allclose(dq, dq1, rtol=1e-13, atol=1e-13 * max(np.abs(dq1).max(), 1.0))
+    # the share of every tile is fixed, so a rerun gives the same bits
+    np.testing.assert_array_equal(run_pair(q, k, v, dout, workers, **kw)[2], dq)
+
+
+def test_workers_gradcheck_and_backward_override(rng):
+    q, k, v, dout = make(rng, (2,), 4, 2, 17, 21, 3, 5)
+    report = gradcheck(flash_with_lse_forward, flash_with_lse_backward, dict(q=q, k=k, v=v),
+                       kwargs=dict(causal=True, block_q=4, block_k=3, workers=3))
+    assert report.ok, report
+    _, cache = flash_attention_forward(q, k, v, block_q=4, block_k=3)      # forward on 1 worker
+    assert cache.workers == 1
+    serial = flash_attention_backward(dout, cache)
+    for a, b in zip(flash_attention_backward(dout, cache, workers=4), serial):
+        np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-14)
+
+
+def test_workers_see_every_tile_and_pass_errors_on(rng):
+    q, k, v, _ = make(rng, (1,), 2, 2, 10, 10, 3, 2)
+    seen = []
+    flash_attention_forward(q, k, v, causal=True, block_q=3, block_k=3, workers=2,
+                            on_tile=lambda t: seen.append((t.i, t.j)))
+    assert sorted(seen) == [(i, j) for i in range(4) for j in range(i + 1)]
+
+    def fail(t):
+        if t.i == 3:
+            raise RuntimeError("raised in a worker")
+    with pytest.raises(RuntimeError, match="raised in a worker"):
+        flash_attention_forward(q, k, v, block_q=3, block_k=3, workers=2, on_tile=fail)
+
+
+def test_workers_restore_blas_threads(rng):
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    before = [lib["num_threads"] for lib in threadpoolctl.threadpool_info() if lib["user_api"] == "blas"]
+    inside = []
+    q, k, v, dout = make(rng, (1,), 2, 2, 12, 12, 3, 2)
+    spy = lambda t: inside.append([lib["num_threads"] for lib in threadpoolctl.threadpool_info()
+                                   if lib["user_api"] == "blas"])
+    _, cache = flash_attention_forward(q, k, v, block_q=4, block_k=4, workers=2, on_tile=spy)
+    flash_attention_backward(dout, cache)
+    assert inside and all(n == [1] * len(before) for n in inside)         # one BLAS thread per worker
+    assert [lib["num_threads"] for lib in threadpoolctl.threadpool_info() if lib["user_api"] == "blas"] == before
+
+
+def test_workers_on_backends(backend, rng):
+    q, k, v, dout = make(rng, (1,), 4, 2, 9, 7, 3, 2)
+    args = [backend.asarray(a) for a in (q, k, v)]
+    if backend.name == "cupy":
+        with pytest.raises(ValueError, match="CuPy arrays need workers=1"):
+            flash_attention_forward(*args, workers=2)
+        return
+    o, cache = flash_attention_forward(*args, causal=True, block_q=2, block_k=3, workers=2)
+    dq, dk, dv = flash_attention_backward(backend.asarray(dout), cache)
+    o_n, c_n = attention_forward(q, k, v, causal=True)
+    np.testing.assert_allclose(backend.numpy(o), o_n, rtol=1e-12)
+    for a, b in zip((dq, dk, dv), attention_backward(dout, c_n)):
+        np.testing.assert_allclose(backend.numpy(a), b, rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("workers, err, words", [
+    (0, ValueError, "workers must be >= 1, got 0"),
+    (2.0, TypeError, "workers must be an int, got 2.0"),
+    (True, TypeError, "workers must be an int, got True"),
+])
+def test_bad_workers(rng, workers, err, words):
+    q, k, v, dout = make(rng, (1,), 2, 2, 4, 6, 3, 2)
+    with pytest.raises(err, match=words):
+        flash_attention_forward(q, k, v, workers=workers)
+    _, cache = flash_attention_forward(q, k, v)
+    with pytest.raises(err, match=words):
+        flash_attention_backward(dout, cache, workers=workers)
+
+
+def test_workers_without_threadpoolctl_is_a_clear_error(rng, monkeypatch):
+    import npattn.backend
+    monkeypatch.setattr(npattn.backend, "_blas_controller", lambda: None)
+    q, k, v, _ = make(rng, (1,), 2, 2, 4, 6, 3, 2)
+    with pytest.raises(ModuleNotFoundError, match=r"workers=2 needs threadpoolctl.*npattn\[threads\]"):
+        flash_attention_forward(q, k, v, workers=2)
+    flash_attention_forward(q, k, v, workers=1)                          # one worker needs nothing
+
+
 def test_against_torch_fused_kernel(rng):
     torch = pytest.importorskip("torch")
     q, k, v, dout = make(rng, (2,), 4, 4, 33, 33, 8, 8)
