@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
+from array_api_compat import is_array_api_obj
 
 from .backend import device, from_numpy, namespace
 
@@ -52,6 +53,10 @@ class GradcheckReport:
         return "\n".join(lines)
 
 
+def _is_float_array(xp, x) -> bool:
+    return is_array_api_obj(x) and xp.isdtype(x.dtype, "real floating")
+
+
 def _as_tuple(x):
     return tuple(x) if isinstance(x, (tuple, list)) else (x,)
 
@@ -84,7 +89,8 @@ def gradcheck(forward, backward, inputs, *, kwargs=None, eps=1e-6, rtol=1e-6, at
     GradcheckReport with ``.ok`` and ``.rows`` (name, shape, max_abs_err, max_rel_err, ok).
 
     The analytic backward runs on the inputs as given (their dtype); the numeric derivative always
-    runs on float64 copies, so a float32 pair is compared against its float64 ground truth.
+    runs on float64 copies (of the inputs and of any float array in ``kwargs``), so a float32 pair
+    is compared against its float64 ground truth.
     """
     if mode not in ("full", "directional"):
         raise ValueError(f"mode must be 'full' or 'directional', got {mode!r}")
@@ -108,12 +114,14 @@ def gradcheck(forward, backward, inputs, *, kwargs=None, eps=1e-6, rtol=1e-6, at
     if len(grads) < len(arrays):
         raise ValueError(f"backward returned {len(grads)} gradients for {len(arrays)} inputs")
 
-    # numeric: the same loss in float64
+    # numeric: the same loss in float64 (float arrays among the kwargs, e.g. an additive mask, too)
     x64 = [None if a is None else xp.astype(a, xp.float64) for a in arrays]
     d64 = [xp.astype(d, xp.float64) for d in douts]
+    kwargs64 = {key: xp.astype(val, xp.float64) if _is_float_array(xp, val) else val
+                for key, val in kwargs.items()}
 
     def loss(xs) -> float:
-        res = _as_tuple(forward(*xs, **kwargs)[0])
+        res = _as_tuple(forward(*xs, **kwargs64)[0])
         return sum(float(xp.sum(xp.astype(o, xp.float64) * d)) for o, d in zip(res, d64))
 
     def derivative(i, direction) -> float:

@@ -98,6 +98,16 @@ def test_float32_pair_against_float64_truth(rng):
     assert 1e-12 < report.rows[0].max_rel_err < 1e-5                   # float32 rounding is visible
 
 
+def test_float32_pair_with_a_float_mask_in_kwargs(rng):
+    # the mask must match the inputs' dtype: float32 for the analytic run, float64 for the numeric one
+    q, k, v = (rng.standard_normal((2, 4, 3)).astype(np.float32) for _ in range(3))
+    mask = rng.standard_normal((4, 4)).astype(np.float32)
+    report = gradcheck(attention_forward, attention_backward, dict(q=q, k=k, v=v),
+                       kwargs=dict(mask=mask, causal=True), rtol=1e-4, atol=1e-6)
+    assert report.ok, report
+    assert mask.dtype == np.float32                                       # the caller's mask untouched
+
+
 def test_nan_gradient_is_not_ok(rng):
     report = gradcheck(softmax_forward, lambda d, c: d * np.nan, [rng.standard_normal((2, 3))])
     assert not report.ok
