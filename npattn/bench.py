@@ -2,6 +2,8 @@
 
 Every row is one implementation at one setting: median wall time of ``repeats`` runs with its
 spread (min-max), the ratio to naive npattn at the same setting, achieved GFLOP/s, and peak memory.
+``tiled`` runs the tiled pair on ``workers`` threads (default: every core, when threadpoolctl is
+installed), ``tiled-1`` on one, so the effect of the threads shows side by side.
 
 - FLOPs are the algorithm's useful work, the same for every implementation so rates compare:
   forward ``2 V (D + Dv)`` and forward+backward ``6 V (D + Dv)`` per head, where ``V`` is the number
