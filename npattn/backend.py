@@ -29,6 +29,7 @@ __all__ = [
     "check_scale",
     "check_block",
     "check_workers",
+    "can_limit_blas",
     "one_blas_thread",
     "host_rng",
     "from_numpy",
@@ -115,7 +116,7 @@ def check_workers(xp, workers) -> int:
         raise ValueError(f"workers must be >= 1, got {workers}")
     if workers > 1 and is_cupy_namespace(xp):
         raise ValueError(f"workers > 1 runs tiles on CPU threads; CuPy arrays need workers=1, got {workers}")
-    if workers > 1 and _blas_controller() is None:
+    if workers > 1 and not can_limit_blas():
         raise ModuleNotFoundError(
             f"workers={workers} needs threadpoolctl, to keep BLAS on one thread inside each worker "
             "(otherwise the threads oversubscribe the cores and run slower than workers=1): "
@@ -130,6 +131,11 @@ def _blas_controller():
     except ImportError:
         return None
     return ThreadpoolController()
+
+
+def can_limit_blas() -> bool:
+    """True when threadpoolctl is installed, so ``workers > 1`` can hold BLAS to one thread."""
+    return _blas_controller() is not None
 
 
 _blas_limit_lock = threading.Lock()

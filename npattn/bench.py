@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from .backend import can_limit_blas
 from .ops import attention_backward, attention_forward, flash_attention_backward, flash_attention_forward
 
 __all__ = ["BenchConfig", "run_bench", "format_table", "DEFAULT_BLOCK", "default_workers"]
@@ -39,9 +40,7 @@ DEFAULT_BLOCK = 256
 def default_workers() -> int:
     """Threads for the ``tiled`` rows: every core this process may use, when threadpoolctl is
     installed (``workers > 1`` needs it); else 1."""
-    try:
-        import threadpoolctl  # noqa: F401
-    except ImportError:
+    if not can_limit_blas():
         return 1
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 

@@ -98,17 +98,16 @@ def _shares(n_tiles: int, workers: int) -> list:
     return [range(w, n_tiles, workers) for w in range(max(1, min(workers, n_tiles)))]
 
 
-def _grid(run_share, shares, *per_share):
-    """FlashAttention-2's parallel grid on CPU threads: ``run_share(share, *extras)`` for each share,
+def _grid(run_share, shares):
+    """FlashAttention-2's parallel grid on CPU threads: ``run_share(w, shares[w])`` for each share,
     on its own thread when there are several (BLAS kept to one thread meanwhile, so each worker uses
-    one core), else inline. ``per_share`` lists give each share its own extra argument.
-    Derivation: derivations/05-flash-backward.md, eq. (5.8)."""
-    args = [(share, *(extra[w] for extra in per_share)) for w, share in enumerate(shares)]
-    if len(args) == 1:
-        run_share(*args[0])
+    one core), else inline. Derivation: derivations/05-flash-backward.md, eq. (5.8)."""
+    if len(shares) == 1:
+        run_share(0, shares[0])
         return
     with one_blas_thread():
-        for done in [_thread_pool(len(args)).submit(run_share, *a) for a in args]:
+        pool = _thread_pool(len(shares))
+        for done in [pool.submit(run_share, w, share) for w, share in enumerate(shares)]:
             done.result()                             # re-raises a worker's exception here
 
 
@@ -235,7 +234,7 @@ def flash_attention_forward(q, k, v, *, mask=None, causal=False, scale=None, blo
 
     o5, lse5 = t.zeros5(dv, zero.dtype), t.zeros5(1, zero.dtype)          # (..., G, R, N, Dv|1)
 
-    def query_tiles(share):                           # query tiles are independent: eq. (4.11)
+    def query_tiles(w, share):                        # query tiles are independent: eq. (4.11)
         for i in share:
             rows = t.rows[i]
             q_i = t.split(qc, rows) * scale                                 # (..., G, R*bq, D), scaled once per tile
@@ -334,7 +333,8 @@ def flash_attention_backward(dout, cache: FlashCache, *, dlse=None, workers: Opt
     dk = xp.zeros(tuple(k.shape), dtype=ct, device=device(q))               # (..., G, M, D)
     dv_ = xp.zeros(tuple(v.shape), dtype=ct, device=device(q))              # (..., G, M, Dv)
 
-    def key_tiles(share, dq5):                        # key tiles own dk_j, dv_j; dq is shared: eq. (5.8)
+    def key_tiles(w, share):                          # key tiles own dk_j, dv_j; dq is shared: eq. (5.8)
+        dq5 = dq5s[w]                                 # this share's partial dq
         for j in share:
             cols = t.cols[j]
             k_j, v_j = kc[..., cols[0]:cols[1], :] * scale, vc[..., cols[0]:cols[1], :]  # (..., G, bk, D|Dv)
@@ -358,7 +358,7 @@ def flash_attention_backward(dout, cache: FlashCache, *, dlse=None, workers: Opt
                 dk[..., cols[0]:cols[1], :] = dk_j * scale
                 dv_[..., cols[0]:cols[1], :] = dv_j
 
-    _grid(key_tiles, shares, dq5s)
+    _grid(key_tiles, shares)
     dq5 = dq5s[0]
     for part in dq5s[1:]:                             # eq. (5.8): the shares' dq, summed in a fixed order
         dq5 += part                                   # in place: our own buffer, no N x D temporary

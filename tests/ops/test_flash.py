@@ -259,15 +259,17 @@ def test_workers_see_every_tile_and_pass_errors_on(rng):
 
 def test_workers_restore_blas_threads(rng):
     threadpoolctl = pytest.importorskip("threadpoolctl")
-    before = [lib["num_threads"] for lib in threadpoolctl.threadpool_info() if lib["user_api"] == "blas"]
-    inside = []
+
+    def blas_threads():
+        return [lib["num_threads"] for lib in threadpoolctl.threadpool_info() if lib["user_api"] == "blas"]
+
+    before, inside = blas_threads(), []
     q, k, v, dout = make(rng, (1,), 2, 2, 12, 12, 3, 2)
-    spy = lambda t: inside.append([lib["num_threads"] for lib in threadpoolctl.threadpool_info()
-                                   if lib["user_api"] == "blas"])
-    _, cache = flash_attention_forward(q, k, v, block_q=4, block_k=4, workers=2, on_tile=spy)
+    _, cache = flash_attention_forward(q, k, v, block_q=4, block_k=4, workers=2,
+                                       on_tile=lambda t: inside.append(blas_threads()))
     flash_attention_backward(dout, cache)
     assert inside and all(n == [1] * len(before) for n in inside)         # one BLAS thread per worker
-    assert [lib["num_threads"] for lib in threadpoolctl.threadpool_info() if lib["user_api"] == "blas"] == before
+    assert blas_threads() == before
 
 
 def test_workers_on_backends(backend, rng):
