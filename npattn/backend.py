@@ -21,7 +21,10 @@ from array_api_compat import array_namespace, device, is_array_api_obj, is_cupy_
 __all__ = [
     "namespace",
     "check_float",
+    "check_int",
+    "check_last_dim",
     "check_same_dtype",
+    "check_dout",
     "compute_dtype",
     "to_compute",
     "check_mask",
@@ -65,6 +68,18 @@ def check_float(xp, name: str, x) -> None:
         raise TypeError(f"{name} must be a real floating array, got dtype {x.dtype}")
 
 
+def check_int(xp, name: str, x) -> None:
+    """Ids and class targets are integer arrays (bool is not an integer here)."""
+    if not xp.isdtype(x.dtype, "integral"):
+        raise TypeError(f"{name} must be an integer array, got dtype {x.dtype}")
+
+
+def check_last_dim(name: str, a, size: int, what: str) -> None:
+    """A per-feature parameter (``gamma``, ``beta``) must be ``(E,)`` for the input's last axis E."""
+    if a is not None and tuple(a.shape) != (size,):
+        raise ValueError(f"{name} must have shape ({size},) to match {what}, got {tuple(a.shape)}")
+
+
 def check_same_dtype(**arrays) -> None:
     """All named arrays (None skipped) must share one dtype; npattn never casts silently."""
     given = {name: x for name, x in arrays.items() if x is not None}
@@ -72,6 +87,15 @@ def check_same_dtype(**arrays) -> None:
     if len(set(dtypes.values())) > 1:
         listed = ", ".join(f"{name} is {dt}" for name, dt in dtypes.items())
         raise TypeError(f"arrays must share one dtype: {listed}")
+
+
+def check_dout(xp, dout, shape: tuple, dtype, name: str = "dout") -> None:
+    """An upstream gradient must have its output's shape and dtype (never cast silently)."""
+    check_float(xp, name, dout)
+    if tuple(dout.shape) != tuple(shape):
+        raise ValueError(f"{name} must have the output's shape {tuple(shape)}, got {tuple(dout.shape)}")
+    if dout.dtype != dtype:
+        raise TypeError(f"{name} must have the output's dtype {dtype}, got {dout.dtype}")
 
 
 def compute_dtype(xp, dtype):

@@ -70,7 +70,8 @@ def gradcheck(forward, backward, inputs, *, kwargs=None, eps=1e-6, rtol=1e-6, at
     forward, backward : a functional pair (see SPEC.md).
     inputs : dict name -> array, or a sequence (named ``arg0, arg1, ...``)
         The forward's array arguments, in the forward's positional order. A None entry (e.g. no
-        bias) is passed through and gets no row.
+        bias) and integer or bool arrays (ids, class targets) are passed through unchanged and get
+        no row.
     kwargs : dict, optional
         Passed to ``forward`` on every call. Dropout must get an int seed, not a Generator, so
         that every call draws the same mask.
@@ -115,7 +116,7 @@ def gradcheck(forward, backward, inputs, *, kwargs=None, eps=1e-6, rtol=1e-6, at
         raise ValueError(f"backward returned {len(grads)} gradients for {len(arrays)} inputs")
 
     # numeric: the same loss in float64 (float arrays among the kwargs, e.g. an additive mask, too)
-    x64 = [None if a is None else xp.astype(a, xp.float64) for a in arrays]
+    x64 = [xp.astype(a, xp.float64) if _is_float_array(xp, a) else a for a in arrays]   # ids stay as they are
     d64 = [xp.astype(d, xp.float64) for d in douts]
     kwargs64 = {key: xp.astype(val, xp.float64) if _is_float_array(xp, val) else val
                 for key, val in kwargs.items()}
@@ -132,8 +133,8 @@ def gradcheck(forward, backward, inputs, *, kwargs=None, eps=1e-6, rtol=1e-6, at
 
     rows = []
     for i, (name, a, grad) in enumerate(zip(names, arrays, grads)):
-        if a is None:
-            continue
+        if a is None or not _is_float_array(xp, a):
+            continue                                  # no bias, or integer/bool data (ids, targets): no row
         shape = tuple(a.shape)
         if grad is None or tuple(grad.shape) != shape:
             rows.append(GradcheckRow(name, shape, float("inf"), float("inf"), False))

@@ -9,15 +9,20 @@ Forward, in steps (derivations/02-softmax.md):
     4. y_j = e_j / l                      eq. (2.1)   (l = 0, a fully masked row, gives y = 0)
 Backward:
     dx = y * (dout - sum(dout * y))       eq. (2.7)
+
+Log-softmax, the form cross-entropy uses (derivations/10-cross-entropy.md):
+    y = x - m - log(l)                    eq. (10.1)
+    dx = dout - exp(y) * sum(dout)        eq. (10.2)
 """
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
-from ..backend import check_float, device, namespace, to_compute
+from ..backend import check_dout, check_float, device, namespace, to_compute
 
-__all__ = ["softmax", "softmax_forward", "softmax_backward", "softmax_jacobian", "SoftmaxCache"]
+__all__ = ["softmax", "softmax_forward", "softmax_backward", "softmax_jacobian", "SoftmaxCache",
+           "log_softmax_forward", "log_softmax_backward", "LogSoftmaxCache"]
 
 
 class SoftmaxCache(NamedTuple):
@@ -78,10 +83,7 @@ def softmax_forward(x, *, axis: int = -1):
     """
     xp = namespace(x=x)
     check_float(xp, "x", x)
-    if x.ndim == 0:
-        raise ValueError("x must have at least one axis, got a 0-d array")
-    if not -x.ndim <= axis < x.ndim:
-        raise ValueError(f"axis {axis} is out of range for x of shape {tuple(x.shape)}")
+    _check_axis(x, axis)
     y, _, _ = _stable_softmax(xp, to_compute(xp, x), axis)
     y = xp.astype(y, x.dtype, copy=False)
     return y, SoftmaxCache(y=y, axis=axis)
@@ -130,3 +132,68 @@ def softmax_jacobian(y):
     col = y[..., :, None]                                          # (..., n, 1)
     eye = xp.eye(n, dtype=y.dtype, device=device(y))              # (n, n)
     return col * eye - col * y[..., None, :]                       # (..., n, n)
+
+
+class LogSoftmaxCache(NamedTuple):
+    """What ``log_softmax_backward`` needs: the output ``y = log p``; ``p = exp(y)`` is recomputed."""
+
+    y: object  # (..., n) log-probabilities, in the input dtype
+    axis: int
+
+
+def _check_axis(x, axis) -> None:
+    if x.ndim == 0:
+        raise ValueError("x must have at least one axis, got a 0-d array")
+    if isinstance(axis, bool) or not isinstance(axis, int):
+        raise TypeError(f"axis must be an int, got {axis!r}")
+    if not -x.ndim <= axis < x.ndim:
+        raise ValueError(f"axis {axis} is out of range for x of shape {tuple(x.shape)}")
+
+
+def _stable_log_softmax(xp, x, axis):
+    """``y = x - m - log(l)`` with the row max ``m`` and ``l = sum exp(x - m)``: eq. (10.1).
+
+    Never forms ``log(p)`` of an underflowed ``p``, so ``y`` stays finite for very negative
+    logits. A row that is all ``-inf`` has ``l = 0`` and gives ``y = -inf`` (``log 0``), not NaN.
+    """
+    m = xp.max(x, axis=axis, keepdims=True)                   # (..., 1)
+    m = xp.where(m == -xp.inf, xp.zeros_like(m), m)           # fully masked row: shift by 0
+    shifted = x - m                                           # (..., n)
+    l = xp.sum(xp.exp(shifted), axis=axis, keepdims=True)     # (..., 1)
+    return shifted - xp.log(l)                                # log(0) = -inf on a fully masked row
+
+
+def log_softmax_forward(x, *, axis: int = -1):
+    """``y = log softmax(x) = x - logsumexp(x)`` along ``axis``, returning ``(y, cache)``.
+
+    Parameters
+    ----------
+    x : array (..., n, ...), real floating.
+    axis : int
+
+    Returns
+    -------
+    y : array, same shape and dtype as ``x``.
+    cache : LogSoftmaxCache
+
+    Derivation: derivations/10-cross-entropy.md, eq. (10.1).
+    """
+    xp = namespace(x=x)
+    check_float(xp, "x", x)
+    _check_axis(x, axis)
+    y = xp.astype(_stable_log_softmax(xp, to_compute(xp, x), axis), x.dtype, copy=False)
+    return y, LogSoftmaxCache(y=y, axis=axis)
+
+
+def log_softmax_backward(dout, cache: LogSoftmaxCache):
+    """``dx = dout - p * sum(dout)`` along the cached axis, with ``p = exp(y)``.
+
+    The Jacobian of ``y_i = x_i - lse(x)`` is ``I - 1 p^T``; applied to ``dout`` from the left
+    it gives this line without forming it. Derivation: derivations/10-cross-entropy.md, eq. (10.2).
+    """
+    y, axis = cache
+    xp = namespace(dout=dout, y=y)
+    check_dout(xp, dout, y.shape, y.dtype)
+    g, p = to_compute(xp, dout), xp.exp(to_compute(xp, y))    # p = exp(y) = softmax(x)
+    dx = g - p * xp.sum(g, axis=axis, keepdims=True)          # (..., n)   eq. (10.2)
+    return xp.astype(dx, y.dtype, copy=False)
