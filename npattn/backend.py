@@ -16,7 +16,14 @@ import numbers
 import threading
 
 import numpy as np
-from array_api_compat import array_namespace, device, is_array_api_obj, is_cupy_namespace
+from array_api_compat import (
+    array_namespace,
+    device,
+    is_array_api_obj,
+    is_cupy_array,
+    is_cupy_namespace,
+    is_torch_array,
+)
 
 __all__ = [
     "namespace",
@@ -37,6 +44,7 @@ __all__ = [
     "host_rng",
     "from_numpy",
     "device",
+    "to_numpy",
 ]
 
 
@@ -222,3 +230,13 @@ def host_rng(rng) -> np.random.Generator:
 def from_numpy(xp, a: np.ndarray, like):
     """Move a host NumPy array into ``xp`` on the device of the array ``like``."""
     return xp.asarray(a, device=device(like))
+
+
+def to_numpy(x) -> np.ndarray:
+    """Any supported array as a NumPy array on the host: CuPy via ``.get()``, torch via
+    ``.detach().cpu()``, anything else through ``numpy.asarray`` (a view when it already is NumPy)."""
+    if is_cupy_array(x):
+        return x.get()
+    if is_torch_array(x):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)

@@ -83,10 +83,12 @@ def embedding_backward(dout, cache: EmbeddingCache):
     g = xp.reshape(dout, (-1, e))                                           # (P, E)
     rows = xp.arange(vocab, device=device(like))[:, None]                   # (V, 1)
     dweight = xp.zeros((vocab, e), dtype=dtype, device=device(like))        # (V, E)
+    total = flat.shape[0]
     chunk = max(1, _ONEHOT_ELEMENTS // max(vocab, 1))
-    for p0 in range(0, flat.shape[0], chunk):
-        onehot_t = xp.astype(rows == flat[None, p0:p0 + chunk], dtype)     # (V, chunk): onehot^T
-        dweight = dweight + onehot_t @ g[p0:p0 + chunk, :]                  # (V, E)   eq. (9.2)
+    for p0 in range(0, total, chunk):
+        p1 = min(p0 + chunk, total)
+        onehot_t = xp.astype(rows == flat[None, p0:p1], dtype)             # (V, chunk): onehot^T
+        dweight = dweight + onehot_t @ g[p0:p1, :]                          # (V, E)   eq. (9.2)
     return None, dweight
 
 

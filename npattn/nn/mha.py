@@ -1,0 +1,281 @@
+"""Multi-head attention as a functional pair over a params dict, and the thin class that holds it.
+
+Shape legend: ``query (B, N, E)``, ``key (B, M, kdim)``, ``value (B, M, vdim)``; ``H`` query heads,
+``G`` key/value heads, head dim ``D = Dv = E / H``. Parameters (head-major columns: head ``h`` owns
+columns ``h*D:(h+1)*D``): ``w_q (E, H*D)``, ``w_k (kdim, G*D)``, ``w_v (vdim, G*Dv)``,
+``w_o (H*Dv, E)``, and biases ``b_* `` of the output widths.
+
+Forward, in steps (derivations/06-multihead.md):
+    1. q = query w_q + b_q,  k = key w_k + b_k,  v = value w_v + b_v     eq. (6.1)
+    2. split heads: (B, N, H*D) -> (B, N, H, D) -> (B, H, N, D)          eq. (6.2)
+    3. RoPE on q and k at positions offset .. offset+N-1 (rope=True)     eq. (9.5)
+    4. with a KV cache: k, v = concat(past, new) along the key axis      (derivations/12-kv-cache.md)
+    5. o = attention(q, k, v, mask, causal)                              eqs. (3.1)-(3.6)
+    6. merge heads: (B, H, N, Dv) -> (B, N, H, Dv) -> (B, N, H*Dv)       eq. (6.2)
+    7. out = merged w_o + b_o                                            eq. (6.1)
+Backward, the same steps in reverse (step 4 is inference only):
+    7. dmerged, dw_o, db_o                                               eq. (1.3)-(1.5)
+    6. do = dmerged split back into heads (a reshape is its own adjoint)  eq. (6.3)
+    5. dq, dk, dv from the attention backward                            eqs. (3.7)-(3.11)
+    3. dq, dk rotated back by -theta                                     eq. (9.6)
+    2. dq, dk, dv merged back to (B, N, H*D)                             eq. (6.3)
+    1. the three linear backwards; in self-attention query = key = value, so
+       dquery = dx_q + dx_k + dx_v (the fan-out sum)                     eq. (6.4)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple, Optional
+
+from ..backend import check_float, device, namespace
+from ..ops import (
+    attention_backward,
+    attention_forward,
+    flash_attention_backward,
+    flash_attention_forward,
+    linear_backward,
+    linear_forward,
+    rope_backward,
+    rope_forward,
+)
+from .params import Initializer, Layer, check_dtype_name, residual_std
+
+__all__ = ["MHASpec", "MHACache", "mha_forward", "mha_backward", "mha_params", "MultiHeadAttention",
+           "split_heads", "merge_heads"]
+
+ATTENTIONS = ("naive", "flash")
+
+
+@dataclass(frozen=True)
+class MHASpec:
+    """The structure of a multi-head attention layer (what is not a weight)."""
+
+    num_heads: int                  # H
+    num_kv_heads: int               # G: H for multi-head, 1 < G < H grouped-query, 1 multi-query
+    rope: bool = False              # rotate q and k heads (self-attention only)
+    rope_base: float = 10000.0
+    attention: str = "naive"        # "naive" (attention_forward) or "flash" (the tiled op)
+
+
+class MHACache(NamedTuple):
+    """The last forward's caches, nested as the steps were: three input projections, the two RoPE
+    rotations, the attention op's cache, and the output projection."""
+
+    lin_q: object
+    lin_k: object
+    lin_v: object
+    rope_q: object                   # RopeCache or None
+    rope_k: object
+    attn: object                     # AttentionCache or FlashCache
+    lin_o: object
+    self_attention: bool
+    has_past: bool                   # a KV-cache forward: inference only
+    spec: MHASpec
+    k: object                        # (B, G, M, D) keys after RoPE, past included (for a KV cache)
+    v: object                        # (B, G, M, Dv)
+
+
+def split_heads(xp, x, heads: int):
+    """``(B, N, heads*D) -> (B, heads, N, D)``: eq. (6.2)."""
+    b, n, width = x.shape
+    return xp.permute_dims(xp.reshape(x, (b, n, heads, width // heads)), (0, 2, 1, 3))
+
+
+def merge_heads(xp, x):
+    """``(B, heads, N, D) -> (B, N, heads*D)``, the inverse of ``split_heads``: eq. (6.2)."""
+    b, heads, n, d = x.shape
+    return xp.reshape(xp.permute_dims(x, (0, 2, 1, 3)), (b, n, heads * d))
+
+
+def combine_masks(xp, mask, key_mask, like):
+    """One attention mask from ``mask`` (broadcastable to ``(B, H, N, M)``, bool or float) and a
+    key-padding ``key_mask (B, M)`` (bool, True = a real token). A bool pair combines with AND; a
+    float mask gets ``-inf`` where the key is padding."""
+    if key_mask is None:
+        return mask
+    km = key_mask[:, None, None, :]                                          # (B, 1, 1, M)
+    if mask is None:
+        return km
+    if xp.isdtype(mask.dtype, "bool"):
+        return xp.logical_and(mask, km)
+    neg_inf = xp.asarray(-xp.inf, dtype=mask.dtype, device=device(like))
+    return xp.where(km, mask, neg_inf)
+
+
+def _check_inputs(xp, params, query, key, value, key_mask, spec):
+    dtype = params["w_q"].dtype
+    for name, a in (("query", query), ("key", key), ("value", value)):
+        if a is None:
+            continue
+        check_float(xp, name, a)
+        if a.ndim != 3:
+            raise ValueError(f"{name} must be 3-D (B, length, features), got shape {tuple(a.shape)}")
+        if a.dtype != dtype:
+            raise TypeError(f"{name} must have the layer's dtype {dtype}, got {a.dtype}")
+    for name, a, w in (("query", query, "w_q"), ("key", key, "w_k"), ("value", value, "w_v")):
+        if a is not None and a.shape[-1] != params[w].shape[0]:
+            raise ValueError(f"{name}'s last axis must be {params[w].shape[0]} (the width {w} takes), "
+                             f"got shape {tuple(a.shape)}")
+    if (key is None) != (value is None):
+        raise ValueError("key and value must be given together (both None means self-attention)")
+    if key is not None:
+        if key.shape[:2] != value.shape[:2] or key.shape[0] != query.shape[0]:
+            raise ValueError(f"key and value must share (B, M) with query's B: query {tuple(query.shape)}, "
+                             f"key {tuple(key.shape)}, value {tuple(value.shape)}")
+        if spec.rope:
+            raise ValueError("rope=True rotates q and k by their positions in one sequence: it is for "
+                             "self-attention only, got a separate key (cross-attention)")
+    if key_mask is not None:
+        m = query.shape[1] if key is None else key.shape[1]
+        if not xp.isdtype(key_mask.dtype, "bool"):
+            raise TypeError(f"key_mask must be bool (True = a real token), got dtype {key_mask.dtype}")
+        if tuple(key_mask.shape) != (query.shape[0], m):
+            raise ValueError(f"key_mask must have shape (B, M) = {(query.shape[0], m)}, got {tuple(key_mask.shape)}")
+
+
+def mha_forward(params, spec: MHASpec, query, key=None, value=None, *, mask=None, key_mask=None,
+                causal=False, past=None, offset: int = 0):
+    """Multi-head attention: returns ``(out (B, N, E), MHACache)``.
+
+    ``key=None`` (and ``value=None``) is self-attention. ``past`` is ``(k, v)`` of earlier tokens,
+    ``(B, G, M_past, D)`` after RoPE, for KV-cache decoding; ``offset`` the position of the first
+    new token (RoPE). Derivation: derivations/06-multihead.md, eqs. (6.1)-(6.2).
+    """
+    xp = namespace(query=query, key=key, value=value, mask=mask, key_mask=key_mask)
+    _check_inputs(xp, params, query, key, value, key_mask, spec)
+    self_attention = key is None
+    key = query if self_attention else key
+    value = query if self_attention else value
+    h, g = spec.num_heads, spec.num_kv_heads
+    # 1. the three input projections: eq. (6.1)
+    q, lin_q = linear_forward(query, params["w_q"], params.get("b_q"))       # (B, N, H*D)
+    k, lin_k = linear_forward(key, params["w_k"], params.get("b_k"))         # (B, M, G*D)
+    v, lin_v = linear_forward(value, params["w_v"], params.get("b_v"))       # (B, M, G*Dv)
+    # 2. split heads: eq. (6.2)
+    q, k, v = split_heads(xp, q, h), split_heads(xp, k, g), split_heads(xp, v, g)   # (B, H|G, N|M, D)
+    # 3. RoPE on the new tokens' q and k, at their absolute positions: eq. (9.5)
+    rope_q = rope_k = None
+    if spec.rope:
+        positions = xp.arange(offset, offset + query.shape[1], device=device(query))
+        q, rope_q = rope_forward(q, positions=positions, base=spec.rope_base)
+        k, rope_k = rope_forward(k, positions=positions, base=spec.rope_base)
+    # 4. KV cache: the keys and values of earlier tokens come first
+    if past is not None:
+        k, v = xp.concat((past[0], k), axis=-2), xp.concat((past[1], v), axis=-2)   # (B, G, M_past+M, D)
+    # 5. attention
+    full_mask = combine_masks(xp, mask, key_mask, like=query)
+    if spec.attention == "flash":
+        o, attn = flash_attention_forward(q, k, v, mask=full_mask, causal=causal)   # (B, H, N, Dv)
+    else:
+        o, attn = attention_forward(q, k, v, mask=full_mask, causal=causal)
+    # 6.-7. merge heads, output projection: eqs. (6.2), (6.1)
+    out, lin_o = linear_forward(merge_heads(xp, o), params["w_o"], params.get("b_o"))   # (B, N, E)
+    cache = MHACache(lin_q=lin_q, lin_k=lin_k, lin_v=lin_v, rope_q=rope_q, rope_k=rope_k, attn=attn,
+                     lin_o=lin_o, self_attention=self_attention, has_past=past is not None, spec=spec, k=k, v=v)
+    return out, cache
+
+
+def mha_backward(dout, cache: MHACache):
+    """Gradients of ``mha_forward``: ``((dquery, dkey, dvalue), grads)``.
+
+    In self-attention ``dquery`` is the fan-out sum of the three projections' input gradients and
+    ``dkey``, ``dvalue`` are None. ``grads`` has the keys of the params dict.
+    Derivation: derivations/06-multihead.md, eqs. (6.3)-(6.4).
+    """
+    if cache.has_past:
+        raise RuntimeError("a forward with a KV cache is inference only: it keeps no graph for backward")
+    xp = namespace(dout=dout)
+    spec = cache.spec
+    grads = {}
+    # 7. out = merged w_o + b_o
+    dmerged, grads["w_o"], db_o = linear_backward(dout, cache.lin_o)          # (B, N, H*Dv)
+    # 6. merge was a reshape: split the gradient the same way (eq. (6.3))
+    do = split_heads(xp, dmerged, spec.num_heads)                            # (B, H, N, Dv)
+    # 5. attention
+    if spec.attention == "flash":
+        dq, dk, dv = flash_attention_backward(do, cache.attn)
+    else:
+        dq, dk, dv = attention_backward(do, cache.attn)
+    # 3. RoPE rotated q and k by theta: rotate their gradients by -theta (eq. (9.6))
+    if spec.rope:
+        dq, dk = rope_backward(dq, cache.rope_q), rope_backward(dk, cache.rope_k)
+    # 2. split heads: merge the gradients back (eq. (6.3))
+    dq, dk, dv = merge_heads(xp, dq), merge_heads(xp, dk), merge_heads(xp, dv)   # (B, N|M, H*D|G*D)
+    # 1. the input projections
+    dx_q, grads["w_q"], db_q = linear_backward(dq, cache.lin_q)
+    dx_k, grads["w_k"], db_k = linear_backward(dk, cache.lin_k)
+    dx_v, grads["w_v"], db_v = linear_backward(dv, cache.lin_v)
+    for name, db in (("b_q", db_q), ("b_k", db_k), ("b_v", db_v), ("b_o", db_o)):
+        if db is not None:
+            grads[name] = db
+    if cache.self_attention:
+        return (dx_q + dx_k + dx_v, None, None), grads                       # eq. (6.4): the fan-out sum
+    return (dx_q, dx_k, dx_v), grads
+
+
+def mha_params(init: Initializer, embed_dim, num_heads, num_kv_heads, kdim, vdim, bias, num_layers=1) -> dict:
+    """Freshly initialized MHA weights (module docstring of npattn/nn/params.py), in SPEC's key order."""
+    d = embed_dim // num_heads
+    shapes = dict(w_q=(embed_dim, num_heads * d), w_k=(kdim, num_kv_heads * d),
+                  w_v=(vdim, num_kv_heads * d), w_o=(num_heads * d, embed_dim))
+    params = {}
+    for name in ("q", "k", "v", "o"):
+        w = shapes[f"w_{name}"]
+        params[f"w_{name}"] = init.normal(w, residual_std(num_layers) if name == "o" else 0.02)
+        if bias:
+            params[f"b_{name}"] = init.zeros((w[1],))
+    return params
+
+
+def check_heads(embed_dim, num_heads, num_kv_heads):
+    """``(H, G)`` after checking ``E % H == 0`` and ``H % G == 0``."""
+    for name, value in (("embed_dim", embed_dim), ("num_heads", num_heads)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    if embed_dim % num_heads:
+        raise ValueError(f"embed_dim must be divisible by num_heads: embed_dim={embed_dim}, num_heads={num_heads}")
+    g = num_heads if num_kv_heads is None else num_kv_heads
+    if isinstance(g, bool) or not isinstance(g, int) or g < 1 or num_heads % g:
+        raise ValueError(f"num_kv_heads must divide num_heads={num_heads} (H % G == 0), got {num_kv_heads!r}")
+    return num_heads, g
+
+
+def check_attention_name(attention):
+    if attention not in ATTENTIONS:
+        raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
+    return attention
+
+
+class MultiHeadAttention(Layer):
+    """Multi-head (grouped-query, multi-query) attention with hand-derived gradients.
+
+    Holds ``params`` (``w_q b_q w_k b_k w_v b_v w_o b_o``), the last forward's cache, ``grads`` and
+    ``last_weights`` (the attention weights ``(B, H, N, M)``; None with ``attention="flash"``).
+    Inputs are batch-first ``(B, N, E)``. Derivation: derivations/06-multihead.md.
+    """
+
+    def __init__(self, embed_dim, num_heads, *, num_kv_heads=None, kdim=None, vdim=None, bias=True,
+                 rope=False, rope_base=10000.0, attention="naive", dtype="float64", seed=None):
+        h, g = check_heads(embed_dim, num_heads, num_kv_heads)
+        if rope and (embed_dim // num_heads) % 2:
+            raise ValueError(f"rope=True needs an even head dim, got embed_dim // num_heads = {embed_dim // num_heads}")
+        self.spec = MHASpec(num_heads=h, num_kv_heads=g, rope=bool(rope), rope_base=float(rope_base),
+                            attention=check_attention_name(attention))
+        self.embed_dim = embed_dim
+        init = Initializer(seed, check_dtype_name(dtype))
+        super().__init__(mha_params(init, embed_dim, h, g, kdim or embed_dim, vdim or embed_dim, bias))
+        self.last_weights = None
+
+    def forward(self, query, key=None, value=None, *, mask=None, key_mask=None, causal=False):
+        """``(B, N, E)`` attention output; ``key=None`` is self-attention. Masks as in SPEC: ``mask``
+        broadcasts to ``(B, H, N, M)``; ``key_mask (B, M)`` bool, True = a real token."""
+        out, self._cache = mha_forward(self.params, self.spec, query, key, value, mask=mask,
+                                       key_mask=key_mask, causal=causal)
+        self.last_weights = getattr(self._cache.attn, "p", None) if self.spec.attention == "naive" else None
+        return out
+
+    def backward(self, dout):
+        """``(dquery, dkey, dvalue)`` (self-attention: ``(dquery, None, None)``); fills ``grads``."""
+        dinputs, self.grads = mha_backward(dout, self._last_cache())
+        return dinputs

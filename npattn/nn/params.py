@@ -1,0 +1,119 @@
+"""Parameters as flat dicts, their initialization, and the small base the layer classes share.
+
+A model's parameters are one flat dict, name -> array, with dotted names for nested layers
+(``blocks.0.attn.w_q``). The functional layer code (``mha_forward(params, ...)``) reads a layer's
+own entries through ``sub(params, "blocks.0.attn.")`` and returns gradients under the same names, so
+the classes only hold state.
+
+Initialization (GPT-2's scheme, from one ``numpy.random.Generator(seed)``, drawn in the order the
+parameters are listed): every projection and embedding weight ``N(0, 0.02^2)``; the two projections
+that write into the residual stream (``attn.w_o``, ``ffn.w_2``) ``N(0, (0.02 / sqrt(2 L))^2)`` in a
+GPT of ``L`` layers (``L = 1`` for a standalone layer); biases 0; norm ``gamma`` 1 and ``beta`` 0.
+``seed=None`` means seed 0, so an unseeded layer is reproducible too.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from array_api_compat import is_array_api_obj
+
+__all__ = ["Params", "Initializer", "sub", "prefixed", "check_dtype_name", "Layer", "INIT_STD"]
+
+INIT_STD = 0.02                               # GPT-2's initializer_range
+
+
+class Params(dict):
+    """A flat dict of weights whose assignments keep each weight's shape and dtype.
+
+    ``params[name] = array`` replaces that weight; a different shape is a ``ValueError``, a different
+    dtype a ``TypeError``, an unknown name a ``KeyError``, and on any error the weight is left as it was.
+    """
+
+    def __setitem__(self, name, value):
+        if name not in self:
+            raise KeyError(f"unknown parameter {name!r}; the parameters are {sorted(self)}")
+        if not is_array_api_obj(value):
+            raise TypeError(f"params[{name!r}] must be an array, got {type(value).__name__}")
+        old = dict.__getitem__(self, name)
+        if tuple(value.shape) != tuple(old.shape):
+            raise ValueError(f"params[{name!r}] must keep its shape {tuple(old.shape)}, got {tuple(value.shape)}")
+        if _dtype_name(value.dtype) != _dtype_name(old.dtype):   # by name: a weight may move library
+            raise TypeError(f"params[{name!r}] must keep its dtype {old.dtype}, got {value.dtype}")
+        dict.__setitem__(self, name, value)
+
+    def update(self, other=(), **more):
+        for name, value in dict(other, **more).items():
+            self[name] = value
+
+
+def _dtype_name(dtype) -> str:
+    """``float64`` for NumPy's, CuPy's, torch's and array_api_strict's float64 alike."""
+    return str(dtype).rsplit(".", 1)[-1]
+
+
+class Initializer:
+    """Draws the weights of a model in a fixed order from one seeded NumPy generator."""
+
+    def __init__(self, seed, dtype: str):
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
+            raise TypeError(f"seed must be an int or None, got {seed!r}")
+        self.rng = np.random.default_rng(0 if seed is None else int(seed))
+        self.dtype = np.dtype(dtype)
+
+    def normal(self, shape, std: float = INIT_STD):
+        return (std * self.rng.standard_normal(shape)).astype(self.dtype)
+
+    def zeros(self, shape):
+        return np.zeros(shape, dtype=self.dtype)
+
+    def ones(self, shape):
+        return np.ones(shape, dtype=self.dtype)
+
+
+def residual_std(num_layers: int) -> float:
+    """The std of the projections that add into the residual stream: 0.02 / sqrt(2 L)."""
+    return INIT_STD / math.sqrt(2 * num_layers)
+
+
+def sub(params, prefix: str) -> dict:
+    """The entries of ``params`` under ``prefix``, with the prefix removed (a plain dict, no copies)."""
+    return {name[len(prefix):]: a for name, a in params.items() if name.startswith(prefix)}
+
+
+def prefixed(grads: dict, prefix: str) -> dict:
+    """``grads`` with ``prefix`` put in front of every name."""
+    return {prefix + name: g for name, g in grads.items()}
+
+
+def check_dtype_name(dtype) -> str:
+    """Layers hold float64 (default) or float32 weights."""
+    name = np.dtype(dtype).name if isinstance(dtype, (np.dtype, type)) else dtype
+    if name not in ("float64", "float32"):
+        raise ValueError(f"dtype must be 'float64' or 'float32', got {dtype!r}")
+    return name
+
+
+class Layer:
+    """What every layer class holds: ``params``, ``grads`` and the last forward's cache.
+
+    ``backward`` uses the cache of the last ``forward`` only; calling it before any forward is a
+    ``RuntimeError``.
+    """
+
+    params: Params
+    grads: dict
+
+    def __init__(self, params: dict):
+        self.params = Params(params)
+        self.grads = {}
+        self._cache = None
+
+    def _last_cache(self):
+        if self._cache is None:
+            raise RuntimeError(f"{type(self).__name__}.backward needs a forward first")
+        return self._cache
+
+    def num_params(self) -> int:
+        return sum(math.prod(a.shape) for a in self.params.values())
