@@ -2,6 +2,8 @@
 
 Each case is float64 with a random ``dout`` (drawn by ``gradcheck``) and shapes whose heads,
 query and key lengths all differ, so that a transposed or mis-summed gradient cannot pass.
+The layers (multi-head attention, a Transformer block, a GPT) are checked through ``layer_pair``,
+which presents a functional layer as a pair whose inputs are its data and every weight.
 """
 
 from __future__ import annotations
@@ -11,18 +13,41 @@ from typing import Callable, NamedTuple
 import numpy as np
 
 from .gradcheck import GradcheckReport, gradcheck
+from .nn.block import block_backward, block_forward, block_params, make_block_spec
+from .nn.gpt import GPTConfig, gpt_backward, gpt_forward, gpt_params
+from .nn.mha import MHASpec, mha_backward, mha_forward, mha_params
+from .nn.params import Initializer
 from .ops import (
     attention_backward,
     attention_forward,
+    cross_entropy_backward,
+    cross_entropy_forward,
+    embedding_backward,
+    embedding_forward,
     flash_attention_backward,
     flash_attention_forward,
+    gelu_backward,
+    gelu_forward,
+    layernorm_backward,
+    layernorm_forward,
     linear_backward,
     linear_forward,
+    log_softmax_backward,
+    log_softmax_forward,
+    relu_backward,
+    relu_forward,
+    rmsnorm_backward,
+    rmsnorm_forward,
+    rope_backward,
+    rope_forward,
+    silu_backward,
+    silu_forward,
     softmax_backward,
     softmax_forward,
 )
 
-__all__ = ["Case", "cases", "run_case", "flash_with_lse_forward", "flash_with_lse_backward"]
+__all__ = ["Case", "cases", "run_case", "flash_with_lse_forward", "flash_with_lse_backward", "layer_pair",
+           "mha_case_inputs", "block_case_inputs", "gpt_case_inputs"]
 
 
 class Case(NamedTuple):
@@ -32,6 +57,10 @@ class Case(NamedTuple):
     backward: Callable
     inputs: dict
     kwargs: dict
+    # absolute tolerance: the layers' losses are sums over many outputs, so the float64 rounding
+    # floor of a central difference, ~1e-16 |L| / eps, reaches ~1e-9; a gradient that is exactly 0
+    # (attention's key bias b_k, derivations/06-multihead.md) must not fail on that noise
+    atol: float = 1e-9
 
 
 def flash_with_lse_forward(q, k, v, **kwargs):
@@ -43,6 +72,83 @@ def flash_with_lse_forward(q, k, v, **kwargs):
 def flash_with_lse_backward(douts, cache):
     dout, dlse = douts
     return flash_attention_backward(dout, cache, dlse=dlse)
+
+
+def layer_pair(forward, backward, data_names, param_names):
+    """A functional layer as a gradcheck pair whose inputs are its data arrays and then every weight.
+
+    ``forward(params, *data) -> (out, cache)``, ``backward(dout, cache) -> (d_data, grads)`` where
+    ``d_data`` is one gradient per data array (None for ids, or for key/value in self-attention)
+    and ``grads`` a dict keyed by ``param_names``.
+    """
+    k = len(data_names)
+
+    def pair_forward(*arrays):
+        return forward(dict(zip(param_names, arrays[k:])), *arrays[:k])
+
+    def pair_backward(dout, cache):
+        d_data, grads = backward(dout, cache)
+        return tuple(d_data) + tuple(grads.get(name) for name in param_names)
+
+    return pair_forward, pair_backward
+
+
+LAYER_ATOL = 1e-7
+
+
+def _randomized(params: dict, rng, scale=0.5) -> dict:
+    """Initialized weights moved off their init values (gamma != 1, beta and biases != 0), so that a
+    gradient that ignored them could not pass."""
+    return {name: a + scale * rng.standard_normal(a.shape) for name, a in params.items()}
+
+
+def mha_case_inputs(rng, spec: MHASpec, b, n, e, *, kdim=None, m=None, bias=True, **kwargs):
+    """``(forward, backward, inputs, {})`` for gradchecking ``mha_forward`` with its weights;
+    self-attention when ``m`` is None, else cross-attention with keys of length ``m``."""
+    params = _randomized(mha_params(Initializer(0, "float64"), e, spec.num_heads, spec.num_kv_heads,
+                                    kdim or e, kdim or e, bias), rng)
+    data = dict(query=rng.standard_normal((b, n, e)))
+    if m is not None:
+        data.update(key=rng.standard_normal((b, m, kdim or e)), value=rng.standard_normal((b, m, kdim or e)))
+
+    def fwd(p, *xs):
+        return mha_forward(p, spec, *xs, **kwargs)
+
+    def bwd(dout, cache):
+        d_data, grads = mha_backward(dout, cache)
+        return d_data[:len(data)], grads
+
+    f, bk = layer_pair(fwd, bwd, list(data), list(params))
+    return f, bk, dict(data, **params), {}, LAYER_ATOL
+
+
+def block_case_inputs(rng, b, n, e, heads, kv_heads, *, norm="layernorm", activation="gelu_tanh", rope=False,
+                      bias=True, ffn_dim=None, **kwargs):
+    spec, h, g = make_block_spec(e, heads, kv_heads, norm, activation, rope, 10000.0, 1e-5, "naive")
+    params = _randomized(block_params(Initializer(0, "float64"), e, h, g, ffn_dim or 2 * e, norm, activation, bias), rng)
+
+    def fwd(p, x):
+        return block_forward(p, spec, x, **kwargs)
+
+    def bwd(dout, cache):
+        dx, grads = block_backward(dout, cache)
+        return (dx,), grads
+
+    f, bk = layer_pair(fwd, bwd, ["x"], list(params))
+    return f, bk, dict(x=rng.standard_normal((b, n, e)), **params), {}, LAYER_ATOL
+
+
+def gpt_case_inputs(rng, config: GPTConfig, b, n):
+    params = _randomized(gpt_params(config, Initializer(0, "float64")), rng, scale=0.3)
+
+    def fwd(p, ids):
+        return gpt_forward(p, config, ids)
+
+    def bwd(dout, cache):
+        return (None,), gpt_backward(dout, cache, config)
+
+    f, bk = layer_pair(fwd, bwd, ["ids"], list(params))
+    return f, bk, dict(ids=rng.integers(0, config.vocab_size, (b, n)), **params), {}, LAYER_ATOL
 
 
 def cases(seed: int = 0) -> list[Case]:
@@ -87,8 +193,63 @@ def cases(seed: int = 0) -> list[Case]:
              dict(mask=normal((5, 6)), block_q=4, block_k=4)),
         Case("flash", "dlse, causal N < M", *lse_pair, qkv((2,), 2, 1, 4, 6, 3, 2),
              dict(causal=True, block_q=3, block_k=4)),
+    ] + transformer_cases(rng)
+
+
+def transformer_cases(rng) -> list[Case]:
+    """The pairs around attention, and the layers (directional: every weight, random directions)."""
+    normal = rng.standard_normal
+    x = normal((2, 3, 5)) * 2
+    x_relu = np.where(np.abs(x) < 1e-2, 0.5, x)                   # no input on ReLU's kink
+    soft = np.exp(normal((2, 3, 5)))
+    soft /= soft.sum(-1, keepdims=True)
+    hard = rng.integers(0, 5, (2, 3))
+    hard[1, 2] = -100                                              # an ignored position
+    mha = MHASpec(num_heads=4, num_kv_heads=2, rope=True)
+    gpt2 = GPTConfig(vocab_size=11, max_len=8, embed_dim=8, num_heads=2, num_layers=2, ffn_dim=12)
+    llama = GPTConfig(vocab_size=13, max_len=8, embed_dim=8, num_heads=4, num_kv_heads=2, num_layers=2, ffn_dim=12,
+                      norm="rmsnorm", activation="swiglu", positions="rope", bias=False, tie_embeddings=False)
+    sinus = GPTConfig(vocab_size=9, max_len=8, embed_dim=6, num_heads=2, num_layers=1, ffn_dim=10,
+                      activation="relu", positions="sinusoidal")
+    return [
+        Case("log_softmax", "axis=-1", log_softmax_forward, log_softmax_backward, dict(x=normal((3, 4, 5))), {}),
+        Case("layernorm", "gamma, beta", layernorm_forward, layernorm_backward,
+             dict(x=x, gamma=normal(5), beta=normal(5)), dict(eps=1e-3)),
+        Case("rmsnorm", "gamma", rmsnorm_forward, rmsnorm_backward, dict(x=x, gamma=normal(5)), dict(eps=1e-3)),
+        Case("gelu", "exact (erf)", gelu_forward, gelu_backward, dict(x=x), {}),
+        Case("gelu", "tanh", gelu_forward, gelu_backward, dict(x=x), dict(approximate="tanh")),
+        Case("relu", "elementwise", relu_forward, relu_backward, dict(x=x_relu), {}),
+        Case("silu", "elementwise", silu_forward, silu_backward, dict(x=x), {}),
+        Case("embedding", "repeated ids", embedding_forward, embedding_backward,
+             dict(ids=np.array([[1, 4, 1], [0, 4, 4]]), weight=normal((6, 3))), {}),
+        Case("rope", "rotate_half, positions", rope_forward, rope_backward, dict(x=normal((2, 3, 4, 6))),
+             dict(positions=np.array([0, 2, 5, 9]))),
+        Case("rope", "interleaved", rope_forward, rope_backward, dict(x=normal((5, 4))), dict(interleaved=True)),
+        Case("cross_entropy", "ignore_index, smoothing 0.1", cross_entropy_forward, cross_entropy_backward,
+             dict(logits=normal((2, 3, 5)), target=hard), dict(label_smoothing=0.1)),
+        Case("cross_entropy", "soft targets", cross_entropy_forward, cross_entropy_backward,
+             dict(logits=normal((2, 3, 5))), dict(target=soft, label_smoothing=0.2)),
+        Case("mha", "self, GQA H=4 G=2, RoPE, causal",
+             *mha_case_inputs(rng, mha, 2, 5, 8, causal=True)),
+        Case("mha", "cross, kdim=6, key_mask",
+             *mha_case_inputs(rng, MHASpec(num_heads=2, num_kv_heads=2), 2, 3, 4, kdim=6, m=5,
+                              key_mask=np.array([[True] * 5, [True, True, False, True, False]]))),
+        Case("block", "LayerNorm + GELU, causal", *block_case_inputs(rng, 2, 4, 6, 2, 2, causal=True)),
+        Case("block", "RMSNorm + SwiGLU, GQA, RoPE", *block_case_inputs(
+            rng, 2, 4, 8, 4, 2, norm="rmsnorm", activation="swiglu", rope=True, bias=False, causal=True)),
+        Case("gpt", "GPT-2 shape, tied, learned pos.", *gpt_case_inputs(rng, gpt2, 2, 5)),
+        Case("gpt", "Llama shape, untied, RoPE, GQA", *gpt_case_inputs(rng, llama, 2, 5)),
+        Case("gpt", "sinusoidal pos., ReLU", *gpt_case_inputs(rng, sinus, 2, 4)),
     ]
 
 
+# layers with many weights: checked along random directions (each weight still gets its own row)
+DIRECTIONAL_OPS = ("mha", "block", "gpt")
+
+
 def run_case(case: Case, *, mode: str = "full", seed: int = 0) -> GradcheckReport:
-    return gradcheck(case.forward, case.backward, case.inputs, kwargs=case.kwargs, mode=mode, seed=seed)
+    """One case's report; layers always run in directional mode (full would cost one pair of
+    forwards per weight entry)."""
+    mode = "directional" if case.op in DIRECTIONAL_OPS else mode
+    return gradcheck(case.forward, case.backward, case.inputs, kwargs=case.kwargs, mode=mode, seed=seed,
+                     atol=case.atol)

@@ -18,7 +18,7 @@ def test_check_runs_every_case_and_passes(capsys):
     out = capsys.readouterr().out
     for op in ("linear", "softmax", "attention", "flash"):
         assert f"\n{op} " in out
-    assert "FAIL" not in out and "all 19 cases passed" in out
+    assert "FAIL" not in out and "all 38 cases passed" in out
     assert "worst relative error per op" in out
 
 

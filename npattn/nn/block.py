@@ -26,7 +26,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from ..backend import namespace
 from ..ops import (
     gelu_backward,
     gelu_forward,
@@ -226,5 +225,6 @@ class TransformerBlock(Layer):
 
     def backward(self, dout):
         """``dx``; fills ``grads`` with every parameter's gradient."""
-        dx, self.grads = block_backward(dout, self._last_cache())
+        dx, grads = block_backward(dout, self._last_cache())
+        self.grads = self._in_params_order(grads)
         return dx

@@ -140,7 +140,9 @@ def gpt_forward(params, config: GPTConfig, ids, *, key_mask=None, kv_cache: Opti
     if config.positions == "learned":
         x = x + params["wpe"][t0:t0 + n, :]                                  # 2.
     elif config.positions == "sinusoidal":
-        x = x + table[t0:t0 + n, :]
+        if table is None:                     # the class keeps one; a bare functional call builds it
+            table = from_numpy(xp, sinusoidal_positions(config.max_len, config.embed_dim), like=wte)
+        x = x + xp.astype(table[t0:t0 + n, :], x.dtype)
     blocks = []
     for i in range(config.num_layers):                                       # 3.
         past = None if kv_cache is None or not kv_cache.layers else kv_cache.layers[i]
@@ -178,15 +180,7 @@ def gpt_backward(dlogits, cache: GPTCache, config: GPTConfig) -> dict:
         grads["wte"] = dwte + dhead_w.mT                                     # both uses add: eq. (11.7)
     else:
         grads["wte"], grads["lm_head"] = dwte, dhead_w
-    return {name: grads[name] for name in cache_order(grads)}
-
-
-def cache_order(grads: dict) -> list:
-    """Gradient names in the params' order: embeddings, blocks, final norm, head."""
-    head = [k for k in ("wte", "wpe") if k in grads]
-    blocks = sorted((k for k in grads if k.startswith("blocks.")), key=lambda k: int(k.split(".")[1]))
-    tail = [k for k in grads if k.startswith("norm_f.")] + [k for k in ("lm_head",) if k in grads]
-    return head + blocks + tail
+    return grads
 
 
 def gpt_params(config: GPTConfig, init: Initializer) -> dict:
@@ -244,7 +238,7 @@ class GPT(Layer):
 
     def backward(self, dlogits):
         """Fills ``grads`` (every key of ``params``) and returns None."""
-        self.grads = gpt_backward(dlogits, self._last_cache(), self.config)
+        self.grads = self._in_params_order(gpt_backward(dlogits, self._last_cache(), self.config))
 
     def generate(self, ids, max_new_tokens: int, *, use_cache: bool = True):
         """Greedy decoding: ``(B, N + max_new_tokens)`` ids of ``ids``' dtype. With the cache each step

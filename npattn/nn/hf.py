@@ -76,12 +76,12 @@ def _llama_map(num_layers: int, tied: bool) -> list:
     rows = [("embed_tokens.weight", ["wte"], "same")]
     for i in range(num_layers):
         h, b = f"layers.{i}.", f"blocks.{i}."
-        rows += [(h + "input_layernorm.weight", [b + "norm1.gamma"], "same")]
         rows += [(h + f"self_attn.{x}_proj.weight", [b + f"attn.w_{x}"], "T") for x in "qkvo"]
-        rows += [(h + "post_attention_layernorm.weight", [b + "norm2.gamma"], "same"),
-                 (h + "mlp.gate_proj.weight", [b + "ffn.w_1"], "T"),
+        rows += [(h + "mlp.gate_proj.weight", [b + "ffn.w_1"], "T"),          # named_parameters() order
+                 (h + "mlp.up_proj.weight", [b + "ffn.w_3"], "T"),
                  (h + "mlp.down_proj.weight", [b + "ffn.w_2"], "T"),
-                 (h + "mlp.up_proj.weight", [b + "ffn.w_3"], "T")]
+                 (h + "input_layernorm.weight", [b + "norm1.gamma"], "same"),
+                 (h + "post_attention_layernorm.weight", [b + "norm2.gamma"], "same")]
     rows += [("norm.weight", ["norm_f.gamma"], "same")]
     return rows if tied else rows + [("lm_head.weight", ["lm_head"], "T")]
 
@@ -137,6 +137,23 @@ def _convert(state: dict, rows: list, config: GPTConfig, dtype: str) -> dict:
     return params
 
 
+_BLOCK_ORDER = ["norm1.gamma", "norm1.beta"] + [f"attn.{w}_{x}" for x in "qkvo" for w in "wb"] + \
+    ["norm2.gamma", "norm2.beta"] + [f"ffn.{w}_{i}" for i in (1, 2, 3) for w in "wb"]
+
+
+def _canonical(params: dict) -> dict:
+    """Our params in the order a freshly built GPT lists them: embeddings, blocks, final norm, head."""
+    def rank(name):
+        top = ["wte", "wpe"]
+        if name in top:
+            return (top.index(name),)
+        if name.startswith("blocks."):
+            _, i, rest = name.split(".", 2)
+            return (2, int(i), _BLOCK_ORDER.index(rest))
+        return (3, ["norm_f.gamma", "norm_f.beta", "lm_head"].index(name))
+    return {name: params[name] for name in sorted(params, key=rank)}
+
+
 def _check_heads_arg(name, value):
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be an int >= 1, got {value!r}")
@@ -160,7 +177,7 @@ def load_gpt2(cls, state_dict, *, num_heads, dtype="float64", attention="naive")
     if head is not None and not np.array_equal(to_numpy_weight("lm_head.weight", head, dtype), params["wte"]):
         raise ValueError("state dict weight 'lm_head.weight' must equal 'wte.weight': GPT-2 ties its head "
                          "to the token embedding")
-    model = cls(config, attention=attention, dtype=dtype, params=params)
+    model = cls(config, attention=attention, dtype=dtype, params=_canonical(params))
     model._hf = "gpt2"
     return model
 
@@ -184,7 +201,7 @@ def load_llama(cls, state_dict, *, num_heads, num_kv_heads, rope_base=10000.0, n
                        activation="swiglu", positions="rope", bias=False, tie_embeddings=tied,
                        norm_eps=norm_eps, rope_base=rope_base)
     params = _convert(state, _llama_map(config.num_layers, tied), config, dtype)
-    model = cls(config, attention=attention, dtype=dtype, params=params)
+    model = cls(config, attention=attention, dtype=dtype, params=_canonical(params))
     model._hf = "llama"
     return model
 

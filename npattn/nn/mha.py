@@ -277,5 +277,6 @@ class MultiHeadAttention(Layer):
 
     def backward(self, dout):
         """``(dquery, dkey, dvalue)`` (self-attention: ``(dquery, None, None)``); fills ``grads``."""
-        dinputs, self.grads = mha_backward(dout, self._last_cache())
+        dinputs, grads = mha_backward(dout, self._last_cache())
+        self.grads = self._in_params_order(grads)
         return dinputs

@@ -115,5 +115,9 @@ class Layer:
             raise RuntimeError(f"{type(self).__name__}.backward needs a forward first")
         return self._cache
 
+    def _in_params_order(self, grads: dict) -> dict:
+        """``grads`` keyed and ordered as ``params`` (the backward produces them in reverse)."""
+        return {name: grads[name] for name in self.params}
+
     def num_params(self) -> int:
         return sum(math.prod(a.shape) for a in self.params.values())

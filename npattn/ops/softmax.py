@@ -160,7 +160,8 @@ def _stable_log_softmax(xp, x, axis):
     m = xp.where(m == -xp.inf, xp.zeros_like(m), m)           # fully masked row: shift by 0
     shifted = x - m                                           # (..., n)
     l = xp.sum(xp.exp(shifted), axis=axis, keepdims=True)     # (..., 1)
-    return shifted - xp.log(l)                                # log(0) = -inf on a fully masked row
+    # a fully masked row has shifted = -inf and l = 0: take log(1) so y = -inf - 0, not -inf - -inf
+    return shifted - xp.log(xp.where(l == 0, xp.ones_like(l), l))
 
 
 def log_softmax_forward(x, *, axis: int = -1):
