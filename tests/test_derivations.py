@@ -45,7 +45,9 @@ def code_citations() -> set[str]:
 
 def test_every_chapter_exists():
     names = [p.name for p in DERIVATIONS]
-    for prefix in ("00-notation", "01-linear", "02-softmax", "03-attention", "04-online-softmax", "05-flash-backward"):
+    for prefix in ("00-notation", "01-linear", "02-softmax", "03-attention", "04-online-softmax", "05-flash-backward",
+                   "06-multihead", "07-layernorm", "08-activations", "09-embeddings-positions", "10-cross-entropy",
+                   "11-transformer-block", "12-kv-cache"):
         assert f"{prefix}.md" in names
 
 

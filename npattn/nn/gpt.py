@@ -82,7 +82,7 @@ class GPTConfig:
 class KVCache:
     """The keys and values of every layer for the tokens seen so far, ``(B, G, M, D)`` each, after
     RoPE. ``len(cache)`` is the number of cached tokens; the next token sits at that position.
-    Derivation: derivations/12-kv-cache.md."""
+    Derivation: derivations/12-kv-cache.md, eq. (12.1)."""
 
     def __init__(self):
         self.layers: list = []            # per layer: (k, v)
@@ -243,7 +243,9 @@ class GPT(Layer):
     def generate(self, ids, max_new_tokens: int, *, use_cache: bool = True):
         """Greedy decoding: ``(B, N + max_new_tokens)`` ids of ``ids``' dtype. With the cache each step
         feeds only the new token; without it each step runs the whole sequence. Same tokens either
-        way. Does not touch the cache ``backward`` uses. Derivation: derivations/12-kv-cache.md."""
+        way. Does not touch the cache ``backward`` uses. With the cache, decoding T tokens after a
+        prompt of P computes T P + T (T - 1) / 2 scores instead of O((P + T)^3): derivations/12-kv-cache.md,
+        eq. (12.2)."""
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
         xp = namespace(ids=ids, wte=self.params["wte"])

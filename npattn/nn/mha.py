@@ -9,7 +9,7 @@ Forward, in steps (derivations/06-multihead.md):
     1. q = query w_q + b_q,  k = key w_k + b_k,  v = value w_v + b_v     eq. (6.1)
     2. split heads: (B, N, H*D) -> (B, N, H, D) -> (B, H, N, D)          eq. (6.2)
     3. RoPE on q and k at positions offset .. offset+N-1 (rope=True)     eq. (9.5)
-    4. with a KV cache: k, v = concat(past, new) along the key axis      (derivations/12-kv-cache.md)
+    4. with a KV cache: k, v = concat(past, new) along the key axis      derivations/12-kv-cache.md, eq. (12.1)
     5. o = attention(q, k, v, mask, causal)                              eqs. (3.1)-(3.6)
     6. merge heads: (B, H, N, Dv) -> (B, N, H, Dv) -> (B, N, H*Dv)       eq. (6.2)
     7. out = merged w_o + b_o                                            eq. (6.1)
