@@ -77,9 +77,11 @@ class MHACache(NamedTuple):
 
 
 def split_heads(xp, x, heads: int):
-    """``(B, N, heads*D) -> (B, heads, N, D)``: eq. (6.2)."""
+    """``(B, N, heads*D) -> (B, heads, N, D)``: eq. (6.2). Returned as a contiguous copy, so the
+    attention ops' per-head reshapes are free and the projection itself can be freed."""
     b, n, width = x.shape
-    return xp.permute_dims(xp.reshape(x, (b, n, heads, width // heads)), (0, 2, 1, 3))
+    heads_view = xp.permute_dims(xp.reshape(x, (b, n, heads, width // heads)), (0, 2, 1, 3))
+    return xp.reshape(heads_view, (b, heads, n, width // heads), copy=True)
 
 
 def merge_heads(xp, x):
@@ -171,6 +173,10 @@ def mha_forward(params, spec: MHASpec, query, key=None, value=None, *, mask=None
         o, attn = attention_forward(q, k, v, mask=full_mask, causal=causal)
     # 6.-7. merge heads, output projection: eqs. (6.2), (6.1)
     out, lin_o = linear_forward(merge_heads(xp, o), params["w_o"], params.get("b_o"))   # (B, N, E)
+    if spec.attention == "flash":
+        # the merged heads are the flash cache's o, merged again in the backward: one (B, N, E)
+        # array fewer held between forward and backward, where the tiled op is about memory
+        lin_o = lin_o._replace(x=None)
     cache = MHACache(lin_q=lin_q, lin_k=lin_k, lin_v=lin_v, rope_q=rope_q, rope_k=rope_k, attn=attn,
                      lin_o=lin_o, self_attention=self_attention, has_past=past is not None, spec=spec, k=k, v=v)
     return out, cache
@@ -189,29 +195,40 @@ def mha_backward(dout, cache: MHACache):
     spec = cache.spec
     grads = {}
     # 7. out = merged w_o + b_o
-    dmerged, grads["w_o"], db_o = linear_backward(dout, cache.lin_o)          # (B, N, H*Dv)
+    lin_o = cache.lin_o if cache.lin_o.x is not None else cache.lin_o._replace(x=merge_heads(xp, cache.attn.o))
+    dmerged, grads["w_o"], db_o = linear_backward(dout, lin_o)               # (B, N, H*Dv)
+    del lin_o
     # 6. merge was a reshape: split the gradient the same way (eq. (6.3))
     do = split_heads(xp, dmerged, spec.num_heads)                            # (B, H, N, Dv)
+    del dmerged
     # 5. attention
     if spec.attention == "flash":
         dq, dk, dv = flash_attention_backward(do, cache.attn)
     else:
         dq, dk, dv = attention_backward(do, cache.attn)
+    del do                                            # no longer needed: keep the peak low
     # 3. RoPE rotated q and k by theta: rotate their gradients by -theta (eq. (9.6))
     if spec.rope:
         dq, dk = rope_backward(dq, cache.rope_q), rope_backward(dk, cache.rope_k)
-    # 2. split heads: merge the gradients back (eq. (6.3))
-    dq, dk, dv = merge_heads(xp, dq), merge_heads(xp, dk), merge_heads(xp, dv)   # (B, N|M, H*D|G*D)
-    # 1. the input projections
-    dx_q, grads["w_q"], db_q = linear_backward(dq, cache.lin_q)
-    dx_k, grads["w_k"], db_k = linear_backward(dk, cache.lin_k)
-    dx_v, grads["w_v"], db_v = linear_backward(dv, cache.lin_v)
-    for name, db in (("b_q", db_q), ("b_k", db_k), ("b_v", db_v), ("b_o", db_o)):
+    # 2.-1. merge each gradient back to (B, N|M, H*D) (eq. (6.3)) and run its projection's
+    # backward, one projection at a time, so that only one merged copy is alive at once
+    pending = {"q": dq, "k": dk, "v": dv}
+    del dq, dk, dv
+    dx = {}
+    for name in ("q", "k", "v"):
+        merged = merge_heads(xp, pending.pop(name))                          # (B, N|M, H*D|G*D)
+        dx[name], grads[f"w_{name}"], db = linear_backward(merged, getattr(cache, f"lin_{name}"))
+        del merged
         if db is not None:
-            grads[name] = db
+            grads[f"b_{name}"] = db
+    if db_o is not None:
+        grads["b_o"] = db_o
     if cache.self_attention:
-        return (dx_q + dx_k + dx_v, None, None), grads                       # eq. (6.4): the fan-out sum
-    return (dx_q, dx_k, dx_v), grads
+        dx_q = dx.pop("q")
+        dx_q += dx.pop("k")                           # eq. (6.4): the fan-out sum, in place (our own array)
+        dx_q += dx.pop("v")
+        return (dx_q, None, None), grads
+    return (dx["q"], dx["k"], dx["v"]), grads
 
 
 def mha_params(init: Initializer, embed_dim, num_heads, num_kv_heads, kdim, vdim, bias, num_layers=1) -> dict:

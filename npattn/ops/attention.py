@@ -157,7 +157,7 @@ def attention_forward(q, k, v, *, mask=None, causal=False, scale=None, dropout_p
     s = xp.reshape((scale * qg) @ kc.mT, scores_shape)                   # (..., H, N, M)
     # 2. masks: float masks add, bool masks and causal forbid: eqs. (3.2)-(3.3)
     if mask is not None and xp.isdtype(mask.dtype, "real floating"):
-        s = s + xp.astype(mask, ct)
+        s += xp.astype(mask, ct)                                         # in place: s is our own array
     allowed = mask if mask is not None and xp.isdtype(mask.dtype, "bool") else None
     if causal:
         tri = causal_allowed(xp, (0, n), (0, m), n, m, like=q)             # (N, M)
@@ -165,7 +165,7 @@ def attention_forward(q, k, v, *, mask=None, causal=False, scale=None, dropout_p
     if allowed is not None:
         s = xp.where(allowed, s, xp.asarray(-xp.inf, dtype=ct, device=device(q)))
     # 3. softmax over keys; rows with no allowed key give p = 0: eq. (3.4)
-    p, _, _ = _stable_softmax(xp, s, -1)                                  # (..., H, N, M)
+    p, _, _ = _stable_softmax(xp, s, -1, overwrite=True)                  # (..., H, N, M); s is ours
     # 4. dropout: eq. (3.5)
     keep = None
     p_d = p
@@ -213,7 +213,9 @@ def attention_backward(dout, cache: AttentionCache):
     if keep is not None:
         dp = _dropout(xp, dp, keep, dropout_p)
     # step 3, softmax: eq. (3.9)
-    ds = p * (dp - xp.sum(p * dp, axis=-1, keepdims=True))               # (..., H, N, M)
+    dp -= xp.sum(p * dp, axis=-1, keepdims=True)                          # in place: dp is our own array
+    ds = dp                                                              # (..., H, N, M)
+    ds *= p                                                              # ds = p * (dp - rowsum(p * dp))
     # step 1, s = scale * q k^T: eq. (3.10)
     dsg = grouped(ds, m)                                                 # (..., G, R*N, M)
     dq = xp.reshape(scale * (dsg @ kc), q.shape)                         # (..., H, N, D)

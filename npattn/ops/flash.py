@@ -136,12 +136,16 @@ class _Tiles:
         diagonal, ``j0 > (i1 - 1) + M - N``. Such tiles are skipped, not computed and masked."""
         return not self.causal or cols[0] <= rows[1] - 1 + self.m - self.n
 
-    def split(self, a, rows):
-        """q-side ``(..., H, N, C)`` -> tile ``(..., G, R*bq, C)`` (a view when R == 1)."""
-        xp, (i0, i1) = self.xp, rows
-        c = a.shape[-1]
-        a5 = xp.reshape(a, self.lead + (self.G, self.R, self.n, c))     # (..., G, R, N, C)
-        return xp.reshape(a5[..., i0:i1, :], self.lead + (self.G, self.R * (i1 - i0), c))
+    def grouped(self, a):
+        """q-side ``(..., H, N, C)`` -> ``(..., G, R, N, C)``, once per array: free for a contiguous
+        array, one copy for a strided view (e.g. heads split from ``(B, N, H, D)``), instead of a
+        copy of the whole array per tile."""
+        return self.xp.reshape(a, self.lead + (self.G, self.R, self.n, a.shape[-1]))
+
+    def split(self, a5, rows):
+        """Grouped ``(..., G, R, N, C)`` -> tile ``(..., G, R*bq, C)`` (a view when R == 1)."""
+        (i0, i1), c = rows, a5.shape[-1]
+        return self.xp.reshape(a5[..., i0:i1, :], self.lead + (self.G, self.R * (i1 - i0), c))
 
     def unsplit(self, tile, rows):
         """The inverse of ``split`` for one tile: ``(..., G, R*bq, C)`` -> ``(..., G, R, bq, C)``,
@@ -231,13 +235,14 @@ def flash_attention_forward(q, k, v, *, mask=None, causal=False, scale=None, blo
     qc = to_compute(xp, q)
     kc, vc = to_compute(xp, k), to_compute(xp, v)
     zero = xp.zeros_like(t.neg_inf)
+    q5 = t.grouped(qc)                                                      # (..., G, R, N, D)
 
     o5, lse5 = t.zeros5(dv, zero.dtype), t.zeros5(1, zero.dtype)          # (..., G, R, N, Dv|1)
 
     def query_tiles(w, share):                        # query tiles are independent: eq. (4.11)
         for i in share:
             rows = t.rows[i]
-            q_i = t.split(qc, rows) * scale                                 # (..., G, R*bq, D), scaled once per tile
+            q_i = t.split(q5, rows) * scale                                 # (..., G, R*bq, D), scaled once per tile
             m_i = l_i = acc = None                                          # -inf, 0, 0 before the first key tile
             for j, cols in enumerate(t.cols):
                 if not t.visible(rows, cols):
@@ -324,7 +329,8 @@ def flash_attention_backward(dout, cache: FlashCache, *, dlse=None, workers: Opt
         delta = delta - xp.astype(dlse, ct)[..., None]
     # a row that saw no key has lse = -inf and every s = -inf: subtract 0 so p = exp(-inf) = 0
     lse_safe = xp.where(lse == -xp.inf, xp.zeros_like(lse), lse)[..., None]   # (..., H, N, 1)
-    per_row = [(t.split(qc, rows), t.split(g, rows), t.split(lse_safe, rows), t.split(delta, rows))
+    q5, g5, lse_safe5, delta5 = (t.grouped(a) for a in (qc, g, lse_safe, delta))   # (..., G, R, N, C)
+    per_row = [(t.split(q5, rows), t.split(g5, rows), t.split(lse_safe5, rows), t.split(delta5, rows))
                for rows in t.rows]                    # q-side tiles, sliced once (views when R == 1)
 
     # outputs written tile by tile; rows and keys no tile reaches keep their gradient 0

@@ -35,22 +35,31 @@ class SoftmaxCache(NamedTuple):
     axis: int
 
 
-def _stable_softmax(xp, x, axis):
+def _stable_softmax(xp, x, axis, *, overwrite: bool = False):
     """Steps 1-4 of the forward. Returns ``(y, m, l)``; ``m``, ``l`` keep their reduced axis.
 
     Shared with attention, which needs the same fully-masked-row rule (and ``m``, ``l`` for the
     log-sum-exp). Subtracting the max changes nothing (shift invariance) and keeps exp <= 1.
+    ``overwrite=True`` lets it subtract in place in ``x`` and normalize in place in ``e``, for a
+    caller whose ``x`` is its own scratch array (attention's scores): two fewer full-size arrays.
     Derivation: derivations/02-softmax.md, eqs. (2.2) and (2.4).
     """
     m = xp.max(x, axis=axis, keepdims=True)                   # (..., 1)
     # A row that is all -inf (fully masked) would give exp(-inf - -inf) = NaN; shift it by 0
     # instead, so its exponentials are exp(-inf) = 0 and its sum l is 0. NaN rows stay NaN.
     m = xp.where(m == -xp.inf, xp.zeros_like(m), m)
-    e = xp.exp(x - m)                                         # (..., n)
+    if overwrite:
+        x -= m                                                # in place: the caller's own scratch
+        e = xp.exp(x)                                         # (..., n)
+    else:
+        e = xp.exp(x - m)                                     # (..., n)
     l = xp.sum(e, axis=axis, keepdims=True)                   # (..., 1)
     # y = e / l, with y = 0 where l == 0 (fully masked). Dividing by a (..., 1) reciprocal keeps
     # the full-size pass a single multiply; NaN in l still propagates (NaN == 0 is False).
     inv_l = xp.where(l == 0, xp.zeros_like(l), 1.0 / xp.where(l == 0, xp.ones_like(l), l))
+    if overwrite:
+        e *= inv_l                                            # in place: e is this call's own array
+        return e, m, l
     return e * inv_l, m, l
 
 
