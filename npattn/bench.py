@@ -189,9 +189,41 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join([HEADER] + [format_row(r) for r in rows])
 
 
+def cpu_name() -> str:
+    """The CPU's model name and vector width (the AMD AVX2 and Intel AVX-512 machines differ)."""
+    name, flags = platform.processor() or platform.machine(), ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and name in (platform.processor(), platform.machine()):
+                    name = line.split(":", 1)[1].strip()
+                elif line.startswith("flags") and not flags:
+                    flags = line
+    except OSError:
+        pass
+    width = "AVX-512" if " avx512f" in flags else "AVX2" if " avx2" in flags else "?"
+    return f"{name} ({width}, {os.cpu_count()} cores)"
+
+
+def blas_name() -> str:
+    """NumPy's BLAS and its kernels, as threadpoolctl reports them ('unknown' without it)."""
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return "unknown (no threadpoolctl)"
+    for info in threadpool_info():
+        if info.get("user_api") == "blas":
+            return f"{info.get('internal_api')} {info.get('version')} {info.get('architecture') or ''}".strip()
+    return "unknown"
+
+
+def machine() -> str:
+    return f"CPU {cpu_name()}; BLAS {blas_name()}"
+
+
 def environment() -> dict:
     env = dict(python=platform.python_version(), numpy=np.__version__, machine=platform.machine(),
-               processor=platform.processor() or "unknown")
+               processor=platform.processor() or "unknown", cpu=cpu_name(), blas=blas_name())
     if torch_available():
         import torch
 
@@ -202,3 +234,159 @@ def environment() -> dict:
 def write_json(path: str, cfg: BenchConfig, rows: list[dict]) -> None:
     with open(path, "w") as f:
         json.dump(dict(config=asdict(cfg), environment=environment(), rows=rows), f, indent=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# ``npattn bench --suite layers``: the layers against their PyTorch counterparts, side by side.
+
+@dataclass
+class LayersConfig:
+    """The settings of issue 7's targets (float32, every core)."""
+
+    mha: tuple = (4, 512, 512, 8)            # B, N, E, H: MultiHeadAttention vs torch.nn.MultiheadAttention
+    mha_memory: tuple = (1, 4096, 512, 8)    # B, N, E, H: flash layer vs naive layer, causal, peak memory
+    gpt: tuple = (4, 256, 4, 512, 8, 128)    # L, E, H, V, B, N: one training step vs Hugging Face GPT-2
+    repeats: int = 5
+    memory: bool = True
+    seed: int = 0
+
+
+def _timed(run, repeats: int) -> dict:
+    run()                                                                    # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return dict(median_ms=statistics.median(times), min_ms=min(times), max_ms=max(times))
+
+
+def _mha_runners(b, n, e, h, seed, causal=False):
+    from .nn import MultiHeadAttention
+
+    rng = np.random.default_rng(seed)
+    x, dout = (rng.standard_normal((b, n, e)).astype(np.float32) for _ in range(2))
+    layers = {att: MultiHeadAttention(e, h, attention=att, dtype="float32", seed=seed) for att in ("naive", "flash")}
+
+    def ours(att):
+        def run():
+            layers[att].forward(x, causal=causal)
+            layers[att].backward(dout)
+        return run
+
+    def theirs():
+        import torch
+
+        ref = torch.nn.MultiheadAttention(e, h, batch_first=True)
+        tx, tdout = torch.tensor(x, requires_grad=True), torch.tensor(dout)
+        mask = torch.nn.Transformer.generate_square_subsequent_mask(n) if causal else None
+
+        def run():
+            out, _ = ref(tx, tx, tx, need_weights=False, attn_mask=mask, is_causal=causal)
+            out.backward(tdout)
+        return run
+
+    return ours, theirs
+
+
+def _gpt_runners(L, e, h, v, b, n, seed):
+    from .nn import GPT, AdamW
+    from .ops import cross_entropy_backward, cross_entropy_forward
+
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, v, (b, n + 1))
+    x, y = ids[:, :-1], ids[:, 1:]
+
+    def theirs_model():
+        import transformers
+
+        cfg = transformers.GPT2Config(vocab_size=v, n_positions=n, n_embd=e, n_layer=L, n_head=h, resid_pdrop=0.0,
+                                      embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="eager")
+        return transformers.GPT2LMHeadModel(cfg)
+
+    def ours():
+        try:                                                   # the same weights as the torch model
+            model = GPT.from_hf_gpt2(theirs_model().state_dict(), num_heads=h, dtype="float32")
+        except ImportError:
+            from .nn import GPTConfig
+
+            model = GPT(GPTConfig(vocab_size=v, max_len=n, embed_dim=e, num_heads=h, num_layers=L), dtype="float32")
+        opt = AdamW(model.params, lr=1e-4)
+
+        def run():
+            loss, cache = cross_entropy_forward(model.forward(x), y)
+            model.backward(cross_entropy_backward(1.0, cache)[0])
+            opt.step(model.grads)
+        return run
+
+    def theirs():
+        import torch
+
+        model = theirs_model().train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        tx, ty = torch.tensor(x), torch.tensor(y)
+
+        def run():
+            opt.zero_grad(set_to_none=True)
+            logits = model(tx).logits
+            torch.nn.functional.cross_entropy(logits.reshape(-1, v), ty.reshape(-1)).backward()
+            opt.step()
+        return run
+
+    return ours, theirs
+
+
+def transformers_available() -> bool:
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def run_layers_bench(cfg: LayersConfig, progress=None) -> list[dict]:
+    """Three comparisons, each measured side by side: the MHA layer vs torch's, the flash layer's peak
+    memory vs the naive layer's, and a GPT training step vs Hugging Face GPT-2 in torch eager."""
+    rows = []
+
+    def emit(row):
+        rows.append(row)
+        if progress:
+            progress(row)
+
+    def side_by_side(bench, setting, ours, theirs, their_name, have_them):
+        """npattn and its torch counterpart, timed one after the other; ratio = npattn / torch."""
+        mine = _timed(ours, cfg.repeats)
+        other = _timed(theirs(), cfg.repeats) if have_them else None
+        ratio = mine["median_ms"] / other["median_ms"] if other else None
+        emit(dict(bench=bench, setting=setting, impl="npattn", vs=ratio, peak_mib=None, **mine))
+        if other:
+            emit(dict(bench=bench, setting=setting, impl=their_name, vs=1.0, peak_mib=None, **other))
+
+    b, n, e, h = cfg.mha
+    ours, theirs = _mha_runners(b, n, e, h, cfg.seed)
+    side_by_side("mha fwd+bwd", f"B={b} N={n} E={e} H={h}", ours("naive"), theirs, "torch MHA", torch_available())
+    if cfg.memory:
+        b, n, e, h = cfg.mha_memory
+        ours, _ = _mha_runners(b, n, e, h, cfg.seed, causal=True)
+        peaks = {att: _peak_bytes(ours(att)) / 2**20 for att in ("naive", "flash")}
+        for att in ("naive", "flash"):
+            emit(dict(bench="mha memory", setting=f"B={b} N={n} E={e} H={h} causal", impl=f"npattn {att}",
+                      vs=peaks[att] / peaks["naive"], peak_mib=peaks[att], median_ms=None, min_ms=None, max_ms=None))
+    L, e, h, v, b, n = cfg.gpt
+    ours, theirs = _gpt_runners(L, e, h, v, b, n, cfg.seed)
+    side_by_side("gpt train step", f"L={L} E={e} H={h} V={v} B={b} N={n}", ours(), theirs, "HF GPT-2",
+                 torch_available() and transformers_available())
+    return rows
+
+
+LAYERS_HEADER = f"{'bench':<16}{'setting':<30}{'impl':<15}{'median ms':>10} {'[min - max]':>19}{'ratio':>8}{'peak MiB':>10}"
+
+
+def format_layers_row(r: dict) -> str:
+    """``ratio`` is npattn / torch for the timed rows and flash / naive for the memory rows."""
+    t = f"{r['median_ms']:>10.1f}" if r["median_ms"] is not None else f"{'-':>10}"
+    spread = f"[{r['min_ms']:.1f} - {r['max_ms']:.1f}]" if r["min_ms"] is not None else "-"
+    ratio = f"{r['vs']:.3f}" if r["vs"] is not None else "-"
+    peak = f"{r['peak_mib']:.1f}" if r["peak_mib"] is not None else "-"
+    return f"{r['bench']:<16}{r['setting']:<30}{r['impl']:<15}{t} {spread:>19}{ratio:>8}{peak:>10}"

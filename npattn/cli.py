@@ -50,8 +50,12 @@ def check(args) -> int:
 
 
 def bench(args) -> int:
-    """Naive vs tiled (vs torch when installed) timing and memory, as one table."""
+    """Naive vs tiled (vs torch when installed) timing and memory, as one table; ``--suite layers``
+    compares the layers with their PyTorch counterparts instead."""
     from .bench import HEADER, BenchConfig, format_row, run_bench, torch_available, write_json
+
+    if args.suite == "layers":
+        return bench_layers(args)
 
     cfg = BenchConfig(lengths=args.n, dtypes=args.dtype, causal=args.causal, passes=args.passes,
                       impls=args.impl, batch=args.batch, heads=args.heads, dim=args.dim,
@@ -63,6 +67,20 @@ def bench(args) -> int:
           flush=True)
     print(HEADER, flush=True)
     rows = run_bench(cfg, progress=lambda row: print(format_row(row), flush=True))
+    if args.json:
+        write_json(args.json, cfg, rows)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def bench_layers(args) -> int:
+    from .bench import LAYERS_HEADER, LayersConfig, format_layers_row, machine, run_layers_bench, write_json
+
+    cfg = LayersConfig(repeats=args.repeats, memory=not args.no_memory, seed=args.seed)
+    print(f"npattn bench --suite layers: float32, median of {cfg.repeats}; ratio = npattn / torch "
+          f"(memory rows: flash / naive); {machine()}", flush=True)
+    print(LAYERS_HEADER, flush=True)
+    rows = run_layers_bench(cfg, progress=lambda row: print(format_layers_row(row), flush=True))
     if args.json:
         write_json(args.json, cfg, rows)
         print(f"wrote {args.json}")
@@ -85,7 +103,9 @@ def _parser() -> argparse.ArgumentParser:
     def truth(text: str) -> bool:
         return {"yes": True, "true": True, "1": True, "no": False, "false": False, "0": False}[text.lower()]
 
-    b = sub.add_parser("bench", help="time and peak memory of naive vs tiled attention")
+    b = sub.add_parser("bench", help="time and peak memory of naive vs tiled attention (or of the layers)")
+    b.add_argument("--suite", choices=["attention", "layers"], default="attention",
+                   help="attention: the ops (default); layers: MHA, flash-layer memory, a GPT training step vs torch")
     b.add_argument("--n", type=int, nargs="+", default=d.lengths, help="sequence lengths N = M")
     b.add_argument("--dtype", nargs="+", default=d.dtypes, choices=["float32", "float64"])
     b.add_argument("--causal", type=truth, nargs="+", default=d.causal, help="yes and/or no")

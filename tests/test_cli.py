@@ -68,3 +68,28 @@ def test_bench_torch_rows_when_available(capsys):
                  "--repeats", "1", "--no-memory"]) == 0
     out = capsys.readouterr().out
     assert "\ntorch " in out and "\ntorch-math " in out
+
+
+def test_bench_layers_suite_rows(monkeypatch, tmp_path, capsys):
+    """The layers suite on tiny shapes: every row appears, ratios are npattn / torch and flash / naive."""
+    import functools
+
+    import npattn.bench
+
+    small = functools.partial(npattn.bench.LayersConfig, mha=(1, 8, 8, 2), mha_memory=(1, 16, 8, 2),
+                              gpt=(1, 8, 2, 11, 2, 6))
+    monkeypatch.setattr(npattn.bench, "LayersConfig", small)
+    path = tmp_path / "layers.json"
+    assert main(["bench", "--suite", "layers", "--repeats", "1", "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "CPU " in out and "BLAS " in out
+    rows = json.loads(path.read_text())["rows"]
+    memory = [r for r in rows if r["bench"] == "mha memory"]
+    assert [r["impl"] for r in memory] == ["npattn naive", "npattn flash"] and memory[0]["vs"] == 1.0
+    assert all(r["peak_mib"] > 0 for r in memory)
+    timed = [r for r in rows if r["bench"] != "mha memory"]
+    assert {r["bench"] for r in timed} == {"mha fwd+bwd", "gpt train step"}
+    for r in timed:
+        if r["impl"] == "npattn" and r["vs"] is not None:
+            partner = next(t for t in timed if t["bench"] == r["bench"] and t["impl"] != "npattn")
+            assert r["vs"] == pytest.approx(r["median_ms"] / partner["median_ms"])
