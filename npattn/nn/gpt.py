@@ -22,12 +22,9 @@ Backward, the same steps in reverse:
 
 from __future__ import annotations
 
-import math
 import numbers
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import NamedTuple, Optional
-
-import numpy as np
 
 from ..backend import check_int, device, from_numpy, namespace
 from ..ops import embedding_backward, embedding_forward, linear_backward, linear_forward, sinusoidal_positions

@@ -26,7 +26,7 @@ Backward, the same steps in reverse (step 4 is inference only):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 from ..backend import check_float, device, namespace
 from ..ops import (

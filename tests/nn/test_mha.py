@@ -13,7 +13,6 @@ from tests.reference import attention_reference
 
 def mha_reference(params, h, g, query, key, value, mask=None, causal=False, rope=False):
     """Projections, head split by explicit slicing, the looped attention reference, concat, output."""
-    e = query.shape[-1]
     d = params["w_q"].shape[1] // h
     q = query @ params["w_q"] + params.get("b_q", 0)
     k = key @ params["w_k"] + params.get("b_k", 0)
