@@ -261,6 +261,18 @@ def _timed(run, repeats: int) -> dict:
     return dict(median_ms=statistics.median(times), min_ms=min(times), max_ms=max(times))
 
 
+def _interleaved(first, second, repeats: int) -> tuple:
+    """Two runs timed alternately, ``repeats`` times each, after one warm-up each."""
+    first(), second()
+    times = ([], [])
+    for _ in range(repeats):
+        for run, out in ((first, times[0]), (second, times[1])):
+            t0 = time.perf_counter()
+            run()
+            out.append((time.perf_counter() - t0) * 1e3)
+    return tuple(dict(median_ms=statistics.median(t), min_ms=min(t), max_ms=max(t)) for t in times)
+
+
 def _mha_runners(b, n, e, h, seed, causal=False):
     from .nn import MultiHeadAttention
 
@@ -355,9 +367,12 @@ def run_layers_bench(cfg: LayersConfig, progress=None) -> list[dict]:
             progress(row)
 
     def side_by_side(bench, setting, ours, theirs, their_name, have_them):
-        """npattn and its torch counterpart, timed one after the other; ratio = npattn / torch."""
-        mine = _timed(ours, cfg.repeats)
-        other = _timed(theirs(), cfg.repeats) if have_them else None
+        """npattn and its torch counterpart, interleaved run by run (so a slow spell of this shared
+        machine hits both); ratio = npattn median / torch median."""
+        if have_them:
+            mine, other = _interleaved(ours, theirs(), cfg.repeats)
+        else:
+            mine, other = _timed(ours, cfg.repeats), None
         ratio = mine["median_ms"] / other["median_ms"] if other else None
         emit(dict(bench=bench, setting=setting, impl="npattn", vs=ratio, peak_mib=None, **mine))
         if other:
