@@ -13,7 +13,9 @@ import contextlib
 import functools
 import math
 import numbers
+import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from array_api_compat import (
@@ -41,6 +43,8 @@ __all__ = [
     "check_workers",
     "can_limit_blas",
     "one_blas_thread",
+    "run_grid",
+    "default_workers",
     "host_rng",
     "from_numpy",
     "device",
@@ -180,6 +184,41 @@ def one_blas_thread():
     parallel sections of concurrent calls take turns (a lock) and the old setting always comes back."""
     with _blas_limit_lock, _blas_controller().limit(limits=1, user_api="blas"):
         yield
+
+
+def run_grid(run_share, shares):
+    """FlashAttention-2's parallel grid on CPU threads: ``run_share(w, shares[w])`` for each share,
+    on its own thread when there are several (BLAS kept to one thread meanwhile, so each worker uses
+    one core), else inline. Used by the tiled op's tile loops and by the naive op's head slices.
+    Derivation: derivations/05-flash-backward.md, eq. (5.8)."""
+    if len(shares) == 1:
+        run_share(0, shares[0])
+        return
+    with one_blas_thread():
+        pool = _thread_pool(len(shares))
+        for done in [pool.submit(run_share, w, share) for w, share in enumerate(shares)]:
+            done.result()                             # re-raises a worker's exception here
+
+
+@functools.lru_cache(maxsize=None)
+def _thread_pool(workers: int) -> ThreadPoolExecutor:
+    """One pool per worker count, kept for the process: starting threads on every call cost
+    ~25% at N=512 (measured: 28 vs 22 ms fwd+bwd, H=8, block 256)."""
+    return ThreadPoolExecutor(workers, thread_name_prefix="npattn-worker")
+
+
+def usable_cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def default_workers(xp) -> int:
+    """``workers=None``: every usable core for NumPy arrays when threadpoolctl can hold BLAS to one
+    thread per worker; else 1 (a GPU runs every tile at once; torch and others thread internally).
+    Measured in benchmarks/RESULTS.md, "Defaults"."""
+    if can_limit_blas() and xp.__name__.split(".")[-1] in ("numpy", "array_api_strict"):
+        return usable_cores()
+    return 1
 
 
 def pad_dims(x, ndim: int, xp):

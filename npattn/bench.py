@@ -2,8 +2,9 @@
 
 Every row is one implementation at one setting: median wall time of ``repeats`` runs with its
 spread (min-max), the ratio to naive npattn at the same setting, achieved GFLOP/s, and peak memory.
-``tiled`` runs the tiled pair on ``workers`` threads (default: every core, when threadpoolctl is
-installed), ``tiled-1`` on one, so the effect of the threads shows side by side.
+``tiled`` runs the tiled pair with its defaults (tiles and workers chosen by ``default_tiling``) or
+the ``block``/``workers`` given, ``tiled-1`` the same on one worker, so the effect of the threads
+shows side by side. ``naive`` runs with its own default workers.
 
 - FLOPs are the algorithm's useful work, the same for every implementation so rates compare:
   forward ``2 V (D + Dv)`` and forward+backward ``6 V (D + Dv)`` per head, where ``V`` is the number
@@ -23,27 +24,14 @@ import statistics
 import time
 import tracemalloc
 from dataclasses import asdict, dataclass, field
+from typing import Optional
 
 import numpy as np
 
-from .backend import can_limit_blas
 from .ops import attention_backward, attention_forward, flash_attention_backward, flash_attention_forward
+from .ops.flash import default_tiling
 
-__all__ = ["BenchConfig", "run_bench", "format_table", "DEFAULT_BLOCK", "default_workers"]
-
-# Tile size for the tiled rows, chosen by measurement on the 2-core CI machine: fwd+bwd at
-# B=1, H=8, N=M=4096, D=64, float32 took 1.79 s with 64, 1.06 s with 128, 0.87 s with 256,
-# 0.93 s with 512 and 1.22 s with 1024 (benchmarks/RESULTS.md, "Block size").
-DEFAULT_BLOCK = 256
-
-
-def default_workers() -> int:
-    """Threads for the ``tiled`` rows: every core this process may use, when threadpoolctl is
-    installed (``workers > 1`` needs it); else 1."""
-    if not can_limit_blas():
-        return 1
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
+__all__ = ["BenchConfig", "run_bench", "format_table", "LayersConfig", "run_layers_bench", "machine"]
 
 @dataclass
 class BenchConfig:
@@ -56,8 +44,8 @@ class BenchConfig:
     batch: int = 1
     heads: int = 8
     dim: int = 64
-    block: int = DEFAULT_BLOCK
-    workers: int = field(default_factory=default_workers)
+    block: Optional[int] = None      # None: the tiled op's default tiles (default_tiling)
+    workers: Optional[int] = None    # None: the tiled op's default workers
     repeats: int = 3
     memory: bool = True
     seed: int = 0
@@ -157,6 +145,7 @@ def run_bench(cfg: BenchConfig, progress=None) -> list[dict]:
                             run()
                             times.append((time.perf_counter() - t0) * 1e3)
                         med = statistics.median(times)
+                        tiling = default_tiling(np, n, cfg.block, cfg.block, cfg.workers)   # as resolved
                         if impl == "naive":
                             base_ms = med
                         peak = _peak_bytes(run) / 2**20 if cfg.memory and not impl.startswith("torch") else None
@@ -165,8 +154,8 @@ def run_bench(cfg: BenchConfig, progress=None) -> list[dict]:
                                    median_ms=med, min_ms=min(times), max_ms=max(times),
                                    vs_naive=(med / base_ms) if base_ms else None,
                                    gflops=flops / (med * 1e-3) / 1e9, peak_mib=peak,
-                                   block=cfg.block if impl.startswith("tiled") else None,
-                                   workers=(1 if impl == "tiled-1" else cfg.workers) if impl.startswith("tiled") else None)
+                                   block=tiling[0] if impl.startswith("tiled") else None,
+                                   workers=(1 if impl == "tiled-1" else tiling[2]) if impl.startswith("tiled") else None)
                         rows.append(row)
                         if progress:
                             progress(row)

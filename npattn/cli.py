@@ -52,7 +52,7 @@ def check(args) -> int:
 def bench(args) -> int:
     """Naive vs tiled (vs torch when installed) timing and memory, as one table; ``--suite layers``
     compares the layers with their PyTorch counterparts instead."""
-    from .bench import HEADER, BenchConfig, format_row, run_bench, torch_available, write_json
+    from .bench import HEADER, BenchConfig, format_row, machine, run_bench, torch_available, write_json
 
     if args.suite == "layers":
         return bench_layers(args)
@@ -61,8 +61,8 @@ def bench(args) -> int:
                       impls=args.impl, batch=args.batch, heads=args.heads, dim=args.dim,
                       block=args.block, workers=args.workers, repeats=args.repeats, memory=not args.no_memory,
                       seed=args.seed)
-    print(f"npattn bench: B={cfg.batch} H={cfg.heads} D=Dv={cfg.dim} N=M in {cfg.lengths}, tiles {cfg.block}, "
-          f"tiled on {cfg.workers} worker{'s' if cfg.workers > 1 else ''}, "
+    print(f"npattn bench: B={cfg.batch} H={cfg.heads} D=Dv={cfg.dim} N=M in {cfg.lengths}, "
+          f"tiles {cfg.block or 'default'}, tiled on {cfg.workers or 'default'} workers; {machine()}; "
           f"median of {cfg.repeats}" + ("" if torch_available() else " (torch not installed: no torch rows)"),
           flush=True)
     print(HEADER, flush=True)
@@ -115,9 +115,10 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--batch", type=int, default=d.batch)
     b.add_argument("--heads", type=int, default=d.heads)
     b.add_argument("--dim", type=int, default=d.dim)
-    b.add_argument("--block", type=int, default=d.block, help="tile size of the tiled rows")
+    b.add_argument("--block", type=int, default=d.block,
+                   help="tile size of the tiled rows (default: the op's own, 256)")
     b.add_argument("--workers", type=int, default=d.workers,
-                   help="threads of the 'tiled' rows (default: the cores, with threadpoolctl; 'tiled-1' uses 1)")
+                   help="threads of the 'tiled' rows (default: the op's own rule; 'tiled-1' uses 1)")
     b.add_argument("--repeats", type=int, default=d.repeats)
     b.add_argument("--no-memory", action="store_true", help="skip the tracemalloc peak-memory runs")
     b.add_argument("--seed", type=int, default=0)

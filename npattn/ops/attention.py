@@ -26,18 +26,23 @@ Backward, the same steps in reverse:
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import math
+from typing import NamedTuple, Optional
 
 from ..backend import (
+    check_dout,
     check_float,
     check_mask,
     check_same_dtype,
     check_scale,
+    check_workers,
     compute_dtype,
+    default_workers,
     device,
     from_numpy,
     host_rng,
     namespace,
+    run_grid,
     to_compute,
 )
 from .softmax import _stable_softmax
@@ -61,6 +66,7 @@ class AttentionCache(NamedTuple):
     keep: object  # (..., H, N, M) bool, or None without dropout
     scale: float
     dropout_p: float
+    workers: int = 1  # the backward's default: threads over independent (batch, kv-group) slices
 
 
 def check_qkv(xp, q, k, v):
@@ -114,7 +120,68 @@ def _dropout(xp, x, keep, dropout_p):
     return xp.where(keep, x / (1.0 - dropout_p), xp.zeros_like(x))
 
 
-def attention_forward(q, k, v, *, mask=None, causal=False, scale=None, dropout_p=0.0, rng=None):
+class _Split(NamedTuple):
+    """How the naive op's independent slices are shared among workers: one axis of q (and of k, v,
+    the scores and a mask that is not broadcast along it) cut into contiguous ranges. The axis is a
+    batch axis, or the head axis cut at kv-group boundaries (q-side index = kv index * R), so no
+    share needs another's keys and no gradient is summed across shares."""
+
+    axis: int                        # an axis of q counted from the front
+    r: int                           # q-side units per kv-side unit: R on the head axis, 1 on a batch axis
+    ranges: list                     # per share: (u0, u1) in kv-side units
+
+    def q_side(self, a, w):
+        """Share ``w`` of a q-side array (q, o, dout, dq, p, keep, mask); broadcast axes stay whole."""
+        if a is None or a.shape[self.axis] == 1:
+            return a
+        u0, u1 = self.ranges[w]
+        return a[(slice(None),) * self.axis + (slice(u0 * self.r, u1 * self.r),)]
+
+    def kv_side(self, a, w):
+        """Share ``w`` of a kv-side array (k, v, dk, dv)."""
+        u0, u1 = self.ranges[w]
+        return a[(slice(None),) * self.axis + (slice(u0, u1),)]
+
+    def index(self, w, r=None):
+        u0, u1 = self.ranges[w]
+        r = self.r if r is None else r
+        return (slice(None),) * self.axis + (slice(u0 * r, u1 * r),)
+
+
+# Below this many score entries (B*H*N*M) threads cost more than they save (measured in
+# benchmarks/RESULTS.md, "Defaults": on the 2-core AMD machine 2 workers were 1.11-1.35x slower up to
+# 2^23 entries and 0.74-0.90x from 2^23 to 2^25: the passes are memory-bound and the shares' results
+# are copied into the full o and p).
+NAIVE_THREADS_MIN_SCORES = 1 << 24
+
+
+def _split(q, k, workers: int) -> Optional[_Split]:
+    """The widest of q's batch axes and the kv-group axis, cut into ``workers`` near-equal ranges;
+    None for one worker or nothing to cut."""
+    if workers < 2 or q.ndim < 3:
+        return None
+    G, R = k.shape[-3], q.shape[-3] // k.shape[-3]
+    units = [(q.shape[a], a, 1) for a in range(q.ndim - 3)] + [(G, q.ndim - 3, R)]
+    # the outermost axis that gives every worker a slice (its slices are contiguous blocks, so the
+    # shares' results land in the full arrays as contiguous copies), else the widest one
+    wide = [u for u in units if u[0] >= workers]
+    size, axis, r = wide[0] if wide else max(units, key=lambda u: u[0])
+    if size < 2:
+        return None
+    w = min(workers, size)
+    cuts = [size * i // w for i in range(w + 1)]
+    return _Split(axis=axis, r=r, ranges=list(zip(cuts[:-1], cuts[1:])))
+
+
+def resolve_naive_workers(xp, workers, scores: int) -> int:
+    """``workers=None``: every core (see ``backend.default_workers``) once the scores have at least
+    ``NAIVE_THREADS_MIN_SCORES`` entries, else 1. Explicit values are checked and honored."""
+    if workers is None:
+        return default_workers(xp) if scores >= NAIVE_THREADS_MIN_SCORES else 1
+    return check_workers(xp, workers)
+
+
+def attention_forward(q, k, v, *, mask=None, causal=False, scale=None, dropout_p=0.0, rng=None, workers=None):
     """Scaled dot-product attention ``o = dropout(softmax(scale * q k^T + mask)) v``.
 
     Parameters
@@ -133,6 +200,10 @@ def attention_forward(q, k, v, *, mask=None, causal=False, scale=None, dropout_p
         Probability of zeroing an attention weight; kept weights are scaled by ``1/(1-dropout_p)``.
     rng : numpy.random.Generator, int seed or None
         Source of the dropout mask; an int seed gives the same mask on every library.
+    workers : int >= 1 or None
+        Threads over independent (batch, kv-group) slices, each running steps 1-5 below on its
+        slice (BLAS on one thread each; needs threadpoolctl). None: every core for NumPy inputs with
+        at least ``NAIVE_THREADS_MIN_SCORES`` score entries, else 1. Also the backward's default.
 
     Returns
     -------
@@ -142,14 +213,41 @@ def attention_forward(q, k, v, *, mask=None, causal=False, scale=None, dropout_p
     Derivation: derivations/03-attention.md, eqs. (3.1)-(3.6).
     """
     xp = namespace(q=q, k=k, v=v, mask=mask)
-    G, R = check_qkv(xp, q, k, v)
+    check_qkv(xp, q, k, v)
     scale = check_scale(scale, q.shape[-1])
     dropout_p = _check_dropout(dropout_p)
+    ct = compute_dtype(xp, q.dtype)
+    m, dv = k.shape[-2], v.shape[-1]
+    scores_shape = tuple(q.shape[:-1]) + (m,)                             # (..., H, N, M)
+    mask = check_mask(xp, mask, scores_shape, q.dtype)
+    workers = resolve_naive_workers(xp, workers, math.prod(scores_shape))
+    keep = None
+    if dropout_p > 0.0:                                                   # drawn whole, so shares don't matter
+        keep = from_numpy(xp, host_rng(rng).random(scores_shape) >= dropout_p, like=q)   # (..., H, N, M)
+    split = _split(q, k, workers)
+    if split is None:
+        o, p = _attend(xp, q, k, v, mask, keep, causal, scale, dropout_p)
+    else:
+        o = xp.empty(tuple(q.shape[:-1]) + (dv,), dtype=ct, device=device(q))   # (..., H, N, Dv)
+        p = xp.empty(scores_shape, dtype=ct, device=device(q))                  # (..., H, N, M)
+
+        def share(w, _):
+            o_w, p_w = _attend(xp, split.q_side(q, w), split.kv_side(k, w), split.kv_side(v, w),
+                               split.q_side(mask, w), split.q_side(keep, w), causal, scale, dropout_p)
+            o[split.index(w)], p[split.index(w)] = o_w, p_w
+
+        run_grid(share, split.ranges)
+    cache = AttentionCache(q=q, k=k, v=v, p=p, keep=keep, scale=scale, dropout_p=dropout_p, workers=workers)
+    return xp.astype(o, q.dtype, copy=False), cache
+
+
+def _attend(xp, q, k, v, mask, keep, causal, scale, dropout_p):
+    """Steps 1-5 of the forward on one slice (or all of it): ``(o, p)`` in the compute dtype."""
+    G, R = (1, 1) if q.ndim == 2 else (k.shape[-3], q.shape[-3] // k.shape[-3])
     ct = compute_dtype(xp, q.dtype)
     n, m, d, dv = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
     lead = tuple(q.shape[:-3])
     scores_shape = tuple(q.shape[:-1]) + (m,)                             # (..., H, N, M)
-    mask = check_mask(xp, mask, scores_shape, q.dtype)
     qc, kc, vc = to_compute(xp, q), to_compute(xp, k), to_compute(xp, v)
 
     # 1. scores, one matmul per kv group: eq. (3.1)
@@ -167,34 +265,45 @@ def attention_forward(q, k, v, *, mask=None, causal=False, scale=None, dropout_p
     # 3. softmax over keys; rows with no allowed key give p = 0: eq. (3.4)
     p, _, _ = _stable_softmax(xp, s, -1, overwrite=True)                  # (..., H, N, M); s is ours
     # 4. dropout: eq. (3.5)
-    keep = None
-    p_d = p
-    if dropout_p > 0.0:
-        z = host_rng(rng).random(scores_shape) >= dropout_p              # (..., H, N, M) on host
-        keep = from_numpy(xp, z, like=q)
-        p_d = _dropout(xp, p, keep, dropout_p)
+    p_d = p if keep is None else _dropout(xp, p, keep, dropout_p)
     # 5. weighted sum of values: eq. (3.6)
     o = xp.reshape(xp.reshape(p_d, lead + (G, R * n, m)) @ vc,
                    tuple(q.shape[:-1]) + (dv,))                          # (..., H, N, Dv)
-    cache = AttentionCache(q=q, k=k, v=v, p=p, keep=keep, scale=scale, dropout_p=dropout_p)
-    return xp.astype(o, q.dtype, copy=False), cache
+    return o, p
 
 
-def attention_backward(dout, cache: AttentionCache):
+def attention_backward(dout, cache: AttentionCache, *, workers=None):
     """Gradients of ``attention_forward``: returns ``(dq, dk, dv)`` in q, k, v's shapes.
 
     With grouped-query attention ``dk``, ``dv`` are summed over the ``R`` query heads of each
-    group. Derivation: derivations/03-attention.md, eqs. (3.7)-(3.11).
+    group. ``workers`` defaults to the forward's. Derivation: derivations/03-attention.md,
+    eqs. (3.7)-(3.11).
     """
-    q, k, v, p, keep, scale, dropout_p = cache
+    q, k, v, p, keep, scale, dropout_p, cache_workers = cache
     xp = namespace(dout=dout, q=q)
-    check_float(xp, "dout", dout)
+    check_dout(xp, dout, tuple(q.shape[:-1]) + (v.shape[-1],), q.dtype)
+    workers = cache_workers if workers is None else check_workers(xp, workers)
+    split = _split(q, k, workers)
+    if split is None:
+        grads = _attend_backward(xp, dout, q, k, v, p, keep, scale, dropout_p)
+    else:
+        ct = compute_dtype(xp, q.dtype)
+        grads = tuple(xp.empty(tuple(a.shape), dtype=ct, device=device(q)) for a in (q, k, v))
+
+        def share(w, _):
+            parts = _attend_backward(xp, split.q_side(dout, w), split.q_side(q, w), split.kv_side(k, w),
+                                     split.kv_side(v, w), split.q_side(p, w), split.q_side(keep, w), scale, dropout_p)
+            for full, part, r in zip(grads, parts, (None, 1, 1)):
+                full[split.index(w, r)] = part
+
+        run_grid(share, split.ranges)
+    dt = q.dtype
+    return tuple(xp.astype(a, dt, copy=False) for a in grads)
+
+
+def _attend_backward(xp, dout, q, k, v, p, keep, scale, dropout_p):
+    """The backward's steps on one slice (or all of it): ``(dq, dk, dv)`` in the compute dtype."""
     n, m, d, dv = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
-    out_shape = tuple(q.shape[:-1]) + (dv,)
-    if tuple(dout.shape) != out_shape:
-        raise ValueError(f"dout must have the output's shape {out_shape}, got {tuple(dout.shape)}")
-    if dout.dtype != q.dtype:
-        raise TypeError(f"dout must have the output's dtype {q.dtype}, got {dout.dtype}")
     lead = tuple(q.shape[:-3])
     G = 1 if q.ndim == 2 else k.shape[-3]
     R = (1 if q.ndim == 2 else q.shape[-3]) // G
@@ -220,6 +329,4 @@ def attention_backward(dout, cache: AttentionCache):
     dsg = grouped(ds, m)                                                 # (..., G, R*N, M)
     dq = xp.reshape(scale * (dsg @ kc), q.shape)                         # (..., H, N, D)
     dk = scale * (dsg.mT @ grouped(qc, d))                               # (..., G, M, D)  eq. (3.11)
-    dk, dv_ = xp.reshape(dk, k.shape), xp.reshape(dv_, v.shape)
-    dt = q.dtype
-    return tuple(xp.astype(a, dt, copy=False) for a in (dq, dk, dv_))
+    return dq, xp.reshape(dk, k.shape), xp.reshape(dv_, v.shape)

@@ -35,8 +35,6 @@ Backward (derivations/05-flash-backward.md):
 
 from __future__ import annotations
 
-import functools
-from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, NamedTuple, Optional
 
 from ..backend import (
@@ -46,9 +44,10 @@ from ..backend import (
     check_scale,
     check_workers,
     compute_dtype,
+    default_workers,
     device,
     namespace,
-    one_blas_thread,
+    run_grid,
     to_compute,
 )
 from .attention import causal_allowed, check_qkv
@@ -96,26 +95,6 @@ def _shares(n_tiles: int, workers: int) -> list:
     ``w, w + W, w + 2W, ...``. Fixed, not first-come: which thread adds which dq term, and so every
     rounding, does not depend on timing. Round robin also evens out causal's unequal tiles."""
     return [range(w, n_tiles, workers) for w in range(max(1, min(workers, n_tiles)))]
-
-
-def _grid(run_share, shares):
-    """FlashAttention-2's parallel grid on CPU threads: ``run_share(w, shares[w])`` for each share,
-    on its own thread when there are several (BLAS kept to one thread meanwhile, so each worker uses
-    one core), else inline. Derivation: derivations/05-flash-backward.md, eq. (5.8)."""
-    if len(shares) == 1:
-        run_share(0, shares[0])
-        return
-    with one_blas_thread():
-        pool = _thread_pool(len(shares))
-        for done in [pool.submit(run_share, w, share) for w, share in enumerate(shares)]:
-            done.result()                             # re-raises a worker's exception here
-
-
-@functools.lru_cache(maxsize=None)
-def _thread_pool(workers: int) -> ThreadPoolExecutor:
-    """One pool per worker count, kept for the process: starting threads on every call cost
-    ~25% at N=512 (measured: 28 vs 22 ms fwd+bwd, H=8, block 256)."""
-    return ThreadPoolExecutor(workers, thread_name_prefix="npattn-tile")
 
 
 class _Tiles:
@@ -190,25 +169,48 @@ class _Tiles:
         return xp.reshape(s5, tuple(s.shape))
 
 
-def flash_attention_forward(q, k, v, *, mask=None, causal=False, scale=None, block_q=64, block_k=64,
-                            on_tile: Optional[Callable[[FlashTile], None]] = None, workers: int = 1):
+# Defaults chosen by measurement (benchmarks/RESULTS.md, "Defaults"; fwd+bwd, H=8, D=64, 2 cores):
+# tiles of 256 were fastest or within 4% at N = 1024-4096 in float32 and float64 (64: 2.05x slower at
+# N=4096), and a second worker paid off only with at least two query tiles for each worker.
+DEFAULT_BLOCK = 256
+TILES_PER_WORKER = 2
+
+
+def default_tiling(xp, n: int, block_q, block_k, workers):
+    """The tiled op's ``None`` arguments resolved: ``block_q = block_k = DEFAULT_BLOCK`` and
+    ``workers`` = the usable cores (NumPy with threadpoolctl; see ``backend.default_workers``) but no
+    more than ``ceil(N / block_q) // TILES_PER_WORKER``, at least 1. Explicit values are checked
+    and honored. Depends only on the shapes and the machine, so results are reproducible run to run."""
+    block_q = DEFAULT_BLOCK if block_q is None else check_block("block_q", block_q)
+    block_k = DEFAULT_BLOCK if block_k is None else check_block("block_k", block_k)
+    if workers is None:
+        workers = max(1, min(default_workers(xp), -(-n // block_q) // TILES_PER_WORKER))
+    else:
+        workers = check_workers(xp, workers)
+    return block_q, block_k, workers
+
+
+def flash_attention_forward(q, k, v, *, mask=None, causal=False, scale=None, block_q=None, block_k=None,
+                            on_tile: Optional[Callable[[FlashTile], None]] = None, workers=None):
     """Attention computed tile by tile with an online softmax (FlashAttention-2 forward).
 
     Parameters
     ----------
     q, k, v, mask, causal, scale
         As ``attention_forward`` (no dropout).
-    block_q, block_k : int >= 1
-        Query and key tile sizes; they need not divide N or M (the last tiles are ragged).
+    block_q, block_k : int >= 1 or None
+        Query and key tile sizes; they need not divide N or M (the last tiles are ragged). None:
+        ``DEFAULT_BLOCK`` (256), see ``default_tiling``.
     on_tile : callable, optional
         Called with a ``FlashTile`` after every (query tile, key tile) step, to watch the online
         softmax state; costs nothing when None. With ``workers > 1`` it is called from the worker
         threads, key tiles in order within a query tile, query tiles interleaved.
-    workers : int >= 1
+    workers : int >= 1 or None
         Threads for the outer loop, as FlashAttention-2 spreads query tiles over thread blocks
         (eq. (4.11)); each query tile is still computed exactly as with 1 worker, so ``o`` and
         ``lse`` are bitwise the same. More than 1 needs threadpoolctl (BLAS runs single-threaded
-        meanwhile) and host arrays. Also the backward's default.
+        meanwhile) and host arrays. None: the cores, capped so each worker gets two query tiles
+        (``default_tiling``). Also the backward's default.
 
     Returns
     -------
@@ -221,8 +223,7 @@ def flash_attention_forward(q, k, v, *, mask=None, causal=False, scale=None, blo
     xp = namespace(q=q, k=k, v=v, mask=mask)
     G, R = check_qkv(xp, q, k, v)
     scale = check_scale(scale, q.shape[-1])
-    block_q, block_k = check_block("block_q", block_q), check_block("block_k", block_k)
-    workers = check_workers(xp, workers)
+    block_q, block_k, workers = default_tiling(xp, q.shape[-2], block_q, block_k, workers)
     if q.ndim == 2:                                   # one head: run as (1, N, D) and drop the axis
         check_mask(xp, mask, (q.shape[0], k.shape[0]), q.dtype)
         o, cache = flash_attention_forward(q[None, ...], k[None, ...], v[None, ...], mask=mask, causal=causal,
@@ -273,7 +274,7 @@ def flash_attention_forward(q, k, v, *, mask=None, causal=False, scale=None, blo
             o5[..., rows[0]:rows[1], :] = t.unsplit(acc * xp.where(empty, zero, 1.0 / safe_l), rows)
             lse5[..., rows[0]:rows[1], :] = t.unsplit(xp.where(empty, t.neg_inf, m_i + xp.log(safe_l)), rows)
 
-    _grid(query_tiles, _shares(len(t.rows), workers))
+    run_grid(query_tiles, _shares(len(t.rows), workers))
     o = xp.astype(xp.reshape(o5, tuple(q.shape[:-1]) + (dv,)), q.dtype, copy=False)   # (..., H, N, Dv)
     lse = xp.reshape(lse5, tuple(q.shape[:-1]))                             # (..., H, N)
     return o, FlashCache(q=q, k=k, v=v, o=o, lse=lse, mask=mask, causal=causal, scale=scale,
@@ -364,7 +365,7 @@ def flash_attention_backward(dout, cache: FlashCache, *, dlse=None, workers: Opt
                 dk[..., cols[0]:cols[1], :] = dk_j * scale
                 dv_[..., cols[0]:cols[1], :] = dv_j
 
-    _grid(key_tiles, shares)
+    run_grid(key_tiles, shares)
     dq5 = dq5s[0]
     for part in dq5s[1:]:                             # eq. (5.8): the shares' dq, summed in a fixed order
         dq5 += part                                   # in place: our own buffer, no N x D temporary

@@ -262,3 +262,52 @@ class TestAgainstTorch:
         got = (o,) + attention_backward(dout, cache)
         for a, b in zip(got, expected):
             np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-13)
+
+
+# --- workers: the naive op's independent (batch, kv-group) slices on threads
+@pytest.mark.parametrize("shape", [((3,), 4, 2, 5, 6, 3, 2), ((1,), 6, 3, 4, 4, 2, 3), ((2, 3), 2, 1, 3, 5, 4, 4)], ids=str)
+@pytest.mark.parametrize("mask_kind", ["none", "bool full", "float Hx1xM"])
+@pytest.mark.parametrize("workers", [2, 3, 5])
+def test_workers_match_one_worker(rng, shape, mask_kind, workers):
+    lead, h, g, n, m, d, dv = shape
+    q, k, v = make_qkv(rng, *shape)
+    mask = masks(rng, lead, h, n, m)[mask_kind]
+    dout = rng.standard_normal(lead + (h, n, dv))
+    kw = dict(mask=mask, causal=True, dropout_p=0.2, rng=5)
+    o1, c1 = attention_forward(q, k, v, workers=1, **kw)
+    ow, cw = attention_forward(q, k, v, workers=workers, **kw)
+    assert cw.workers == workers and c1.workers == 1
+    np.testing.assert_allclose(ow, o1, rtol=1e-13, atol=1e-15)
+    np.testing.assert_allclose(cw.p, c1.p, rtol=1e-13, atol=1e-15)
+    for a, b in zip(attention_backward(dout, cw), attention_backward(dout, c1)):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+    np.testing.assert_array_equal(attention_backward(dout, cw)[0], attention_backward(dout, cw)[0])   # reproducible
+
+
+def test_workers_split_the_widest_axis_at_group_boundaries(rng):
+    from npattn.ops.attention import _split
+
+    q, k, _ = make_qkv(rng, (1,), 6, 3, 2, 2, 2, 2)
+    split = _split(q, k, 2)
+    assert split.axis == 1 and split.r == 2 and split.ranges == [(0, 1), (1, 3)]   # kv groups, 2 q heads each
+    q, k, _ = make_qkv(rng, (4,), 8, 8, 2, 2, 2, 2)
+    assert _split(q, k, 2).axis == 0                                             # outermost axis that fits
+    q, k, _ = make_qkv(rng, (5,), 2, 2, 2, 2, 2, 2)
+    assert _split(q, k, 2).axis == 0                                             # the batch axis is wider
+    assert _split(q[0, 0], k[0, 0], 2) is None                                   # 2-D: one head, nothing to cut
+
+
+def test_workers_gradcheck_and_default_rule(rng):
+    from npattn.ops.attention import NAIVE_THREADS_MIN_SCORES, resolve_naive_workers
+
+    q, k, v = make_qkv(rng, (2,), 4, 2, 3, 4, 2, 2)
+    report = gradcheck(attention_forward, attention_backward, dict(q=q, k=k, v=v), kwargs=dict(workers=2, causal=True))
+    assert report.ok, report
+    assert attention_forward(q, k, v)[1].workers == 1                            # small: one worker by default
+    assert resolve_naive_workers(np, None, NAIVE_THREADS_MIN_SCORES - 1) == 1
+    from npattn.backend import default_workers
+
+    assert resolve_naive_workers(np, None, NAIVE_THREADS_MIN_SCORES) == default_workers(np)
+    assert resolve_naive_workers(np, 3, 10) == 3
+    with pytest.raises(ValueError, match="workers must be >= 1"):
+        attention_forward(q, k, v, workers=0)

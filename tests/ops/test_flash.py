@@ -134,8 +134,9 @@ class _SpyNamespace:
 def test_causal_skips_tiles_above_the_diagonal(rng):
     q, k, v, _ = make(rng, (1,), 1, 1, 16, 16, 2, 2)
     seen_full, seen_causal = [], []
-    flash_attention_forward(q, k, v, block_q=4, block_k=4, on_tile=lambda t: seen_full.append((t.i, t.j)))
-    flash_attention_forward(q, k, v, block_q=4, block_k=4, causal=True, on_tile=lambda t: seen_causal.append((t.i, t.j)))
+    flash_attention_forward(q, k, v, block_q=4, block_k=4, workers=1, on_tile=lambda t: seen_full.append((t.i, t.j)))
+    flash_attention_forward(q, k, v, block_q=4, block_k=4, workers=1, causal=True,
+                            on_tile=lambda t: seen_causal.append((t.i, t.j)))
     assert len(seen_full) == 16
     assert seen_causal == [(i, j) for i in range(4) for j in range(i + 1)]   # 10 of 16 tiles
 
@@ -143,7 +144,7 @@ def test_causal_skips_tiles_above_the_diagonal(rng):
 def test_watching_the_online_softmax(rng):
     q, k, v, _ = make(rng, (2,), 3, 3, 5, 9, 2, 2)
     tiles = []
-    o, cache = flash_attention_forward(q, k, v, block_q=5, block_k=3, on_tile=tiles.append)
+    o, cache = flash_attention_forward(q, k, v, block_q=5, block_k=3, workers=1, on_tile=tiles.append)
     assert [(t.i, t.j) for t in tiles] == [(0, 0), (0, 1), (0, 2)]
     assert all(isinstance(t, FlashTile) and t.m_i.shape == (2, 3, 5) for t in tiles)
     assert np.all(tiles[0].alpha == 0)                                   # nothing to rescale at first
@@ -236,7 +237,7 @@ def test_workers_gradcheck_and_backward_override(rng):
     report = gradcheck(flash_with_lse_forward, flash_with_lse_backward, dict(q=q, k=k, v=v),
                        kwargs=dict(causal=True, block_q=4, block_k=3, workers=3))
     assert report.ok, report
-    _, cache = flash_attention_forward(q, k, v, block_q=4, block_k=3)      # forward on 1 worker
+    _, cache = flash_attention_forward(q, k, v, block_q=4, block_k=3, workers=1)      # forward on 1 worker
     assert cache.workers == 1
     serial = flash_attention_backward(dout, cache)
     for a, b in zip(flash_attention_backward(dout, cache, workers=4), serial):
@@ -320,3 +321,29 @@ def test_against_torch_fused_kernel(rng):
     np.testing.assert_allclose(o, to.detach().numpy(), rtol=1e-10, atol=1e-12)
     for ours, theirs in zip(flash_attention_backward(dout, cache), (tq.grad, tk.grad, tv.grad)):
         np.testing.assert_allclose(ours, theirs.numpy(), rtol=1e-10, atol=1e-12)
+
+
+# --- defaults (issue 8): None resolves to the measured rule, and gives the naive op's numbers
+def test_default_tiling_rule():
+    from npattn.backend import default_workers
+    from npattn.ops.flash import DEFAULT_BLOCK, TILES_PER_WORKER, default_tiling
+
+    cores = default_workers(np)
+    assert default_tiling(np, 4096, None, None, None) == (DEFAULT_BLOCK, DEFAULT_BLOCK, min(cores, 16 // TILES_PER_WORKER))
+    assert default_tiling(np, 512, None, None, None)[2] == 1                 # 2 query tiles: one worker
+    assert default_tiling(np, 1024, None, None, None)[2] == min(cores, 2)
+    assert default_tiling(np, 100, 7, 9, 3) == (7, 9, 3)                     # explicit values are honored
+
+
+def test_defaults_equal_the_naive_op_and_are_reproducible(rng):
+    q, k, v, dout = make(rng, (1,), 4, 2, 600, 530, 16, 8)
+    o, cache = flash_attention_forward(q, k, v, causal=True)
+    assert (cache.block_q, cache.block_k) == (256, 256)
+    o_n, c_n = attention_forward(q, k, v, causal=True)
+    np.testing.assert_allclose(o, o_n, rtol=1e-12, atol=1e-14)
+    grads = flash_attention_backward(dout, cache)
+    for a, b in zip(grads, attention_backward(dout, c_n)):
+        np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-13)
+    again = flash_attention_backward(dout, flash_attention_forward(q, k, v, causal=True)[1])
+    for a, b in zip(grads, again):
+        np.testing.assert_array_equal(a, b)
