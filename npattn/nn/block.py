@@ -128,14 +128,15 @@ def ffn_backward(dout, cache):
     return (dx if dx3 is None else dx + dx3), grads                       # x fans out to w_1 and w_3
 
 
-def block_forward(params, spec: BlockSpec, x, *, mask=None, key_mask=None, causal=False, past=None, offset=0):
+def block_forward(params, spec: BlockSpec, x, *, mask=None, key_mask=None, causal=False, past=None, offset=0,
+                  kv_cache=False):
     """Pre-norm block ``h = x + attn(norm1(x))``, ``y = h + ffn(norm2(h))``: ``(y, BlockCache)``.
 
     Derivation: derivations/11-transformer-block.md, eqs. (11.1)-(11.3).
     """
     a, n1 = norm_forward(sub(params, "norm1."), spec.norm, x, spec.norm_eps)             # 1.
     att, attn = mha_forward(sub(params, "attn."), spec.attn, a, mask=mask, key_mask=key_mask,
-                            causal=causal, past=past, offset=offset)
+                            causal=causal, past=past, offset=offset, kv_cache=kv_cache)
     h = x + att                                                                          # 2. eq. (11.1)
     b, n2 = norm_forward(sub(params, "norm2."), spec.norm, h, spec.norm_eps)             # 3.
     f, ffn = ffn_forward(sub(params, "ffn."), spec.activation, b)                         # 4.

@@ -144,7 +144,7 @@ def gpt_forward(params, config: GPTConfig, ids, *, key_mask=None, kv_cache: Opti
     for i in range(config.num_layers):                                       # 3.
         past = None if kv_cache is None or not kv_cache.layers else kv_cache.layers[i]
         x, c = block_forward(sub(params, f"blocks.{i}."), spec, x, key_mask=key_mask, causal=True,
-                             past=past, offset=t0)
+                             past=past, offset=t0, kv_cache=kv_cache is not None)
         blocks.append(c)
     if kv_cache is not None:
         kv_cache.layers = [(c.attn.k, c.attn.v) for c in blocks]

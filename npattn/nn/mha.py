@@ -70,10 +70,11 @@ class MHACache(NamedTuple):
     attn: object                     # AttentionCache or FlashCache
     lin_o: object
     self_attention: bool
-    has_past: bool                   # a KV-cache forward: inference only
+    has_past: bool                   # a KV-cache forward (past or not): inference only
     spec: MHASpec
     k: object                        # (B, G, M, D) keys after RoPE, past included (for a KV cache)
-    v: object                        # (B, G, M, Dv)
+    v: object                        # (B, G, M, Dv); both None when recomputed (flash, no KV cache)
+    recompute: object = None         # flash: (params, query, key, value, offset) to rebuild q, k, v
 
 
 def split_heads(xp, x, heads: int):
@@ -137,18 +138,50 @@ def _check_inputs(xp, params, query, key, value, key_mask, spec):
 
 
 def mha_forward(params, spec: MHASpec, query, key=None, value=None, *, mask=None, key_mask=None,
-                causal=False, past=None, offset: int = 0):
+                causal=False, past=None, offset: int = 0, kv_cache: bool = False):
     """Multi-head attention: returns ``(out (B, N, E), MHACache)``.
 
     ``key=None`` (and ``value=None``) is self-attention. ``past`` is ``(k, v)`` of earlier tokens,
     ``(B, G, M_past, D)`` after RoPE, for KV-cache decoding; ``offset`` the position of the first
-    new token (RoPE). Derivation: derivations/06-multihead.md, eqs. (6.1)-(6.2).
+    new token (RoPE); ``kv_cache=True`` marks an inference forward whose ``cache.k``, ``cache.v``
+    (past included) go into a KV cache, even when there is no past yet. Derivation: derivations/06-multihead.md, eqs. (6.1)-(6.2).
     """
     xp = namespace(query=query, key=key, value=value, mask=mask, key_mask=key_mask)
     _check_inputs(xp, params, query, key, value, key_mask, spec)
     self_attention = key is None
     key = query if self_attention else key
     value = query if self_attention else value
+    q, k, v, lin_q, lin_k, lin_v, rope_q, rope_k = _heads(xp, params, spec, query, key, value, offset)   # 1.-3.
+    # 4. KV cache: the keys and values of earlier tokens come first
+    if past is not None:
+        k, v = xp.concat((past[0], k), axis=-2), xp.concat((past[1], v), axis=-2)   # (B, G, M_past+M, D)
+    # 5. attention
+    full_mask = combine_masks(xp, mask, key_mask, like=query)
+    if spec.attention == "flash":
+        o, attn = flash_attention_forward(q, k, v, mask=full_mask, causal=causal)   # (B, H, N, Dv)
+    else:
+        o, attn = attention_forward(q, k, v, mask=full_mask, causal=causal)
+    # 6.-7. merge heads, output projection: eqs. (6.2), (6.1)
+    out, lin_o = linear_forward(merge_heads(xp, o), params["w_o"], params.get("b_o"))   # (B, N, E)
+    recompute = None
+    inference = kv_cache or past is not None
+    if spec.attention == "flash" and not inference:
+        # The tiled op is about memory, so its layer keeps what the backward can rebuild cheaply:
+        # the merged heads are the flash cache's o merged again, and q, k, v are recomputed from
+        # the inputs by steps 1-3 (activation recomputation, as the tiled op recomputes p).
+        lin_o = lin_o._replace(x=None)
+        attn = attn._replace(q=None, k=None, v=None)
+        recompute = (dict(params), query, key, value, offset)
+        k = v = None
+    cache = MHACache(lin_q=lin_q, lin_k=lin_k, lin_v=lin_v, rope_q=rope_q, rope_k=rope_k, attn=attn,
+                     lin_o=lin_o, self_attention=self_attention, has_past=inference, spec=spec, k=k, v=v,
+                     recompute=recompute)
+    return out, cache
+
+
+def _heads(xp, params, spec: MHASpec, query, key, value, offset: int):
+    """Steps 1-3 of the forward: the projections, split into heads, RoPE'd. Returns
+    ``(q, k, v, lin_q, lin_k, lin_v, rope_q, rope_k)``."""
     h, g = spec.num_heads, spec.num_kv_heads
     # 1. the three input projections: eq. (6.1)
     q, lin_q = linear_forward(query, params["w_q"], params.get("b_q"))       # (B, N, H*D)
@@ -162,24 +195,7 @@ def mha_forward(params, spec: MHASpec, query, key=None, value=None, *, mask=None
         positions = xp.arange(offset, offset + query.shape[1], device=device(query))
         q, rope_q = rope_forward(q, positions=positions, base=spec.rope_base)
         k, rope_k = rope_forward(k, positions=positions, base=spec.rope_base)
-    # 4. KV cache: the keys and values of earlier tokens come first
-    if past is not None:
-        k, v = xp.concat((past[0], k), axis=-2), xp.concat((past[1], v), axis=-2)   # (B, G, M_past+M, D)
-    # 5. attention
-    full_mask = combine_masks(xp, mask, key_mask, like=query)
-    if spec.attention == "flash":
-        o, attn = flash_attention_forward(q, k, v, mask=full_mask, causal=causal)   # (B, H, N, Dv)
-    else:
-        o, attn = attention_forward(q, k, v, mask=full_mask, causal=causal)
-    # 6.-7. merge heads, output projection: eqs. (6.2), (6.1)
-    out, lin_o = linear_forward(merge_heads(xp, o), params["w_o"], params.get("b_o"))   # (B, N, E)
-    if spec.attention == "flash":
-        # the merged heads are the flash cache's o, merged again in the backward: one (B, N, E)
-        # array fewer held between forward and backward, where the tiled op is about memory
-        lin_o = lin_o._replace(x=None)
-    cache = MHACache(lin_q=lin_q, lin_k=lin_k, lin_v=lin_v, rope_q=rope_q, rope_k=rope_k, attn=attn,
-                     lin_o=lin_o, self_attention=self_attention, has_past=past is not None, spec=spec, k=k, v=v)
-    return out, cache
+    return q, k, v, lin_q, lin_k, lin_v, rope_q, rope_k
 
 
 def mha_backward(dout, cache: MHACache):
@@ -203,7 +219,13 @@ def mha_backward(dout, cache: MHACache):
     del dmerged
     # 5. attention
     if spec.attention == "flash":
-        dq, dk, dv = flash_attention_backward(do, cache.attn)
+        attn = cache.attn
+        if cache.recompute is not None:                # steps 1-3 again: q, k, v were not kept
+            q, k, v = _heads(xp, *cache.recompute[:1], spec, *cache.recompute[1:])[:3]
+            attn = attn._replace(q=q, k=k, v=v)
+            del q, k, v
+        dq, dk, dv = flash_attention_backward(do, attn)
+        del attn
     else:
         dq, dk, dv = attention_backward(do, cache.attn)
     del do                                            # no longer needed: keep the peak low

@@ -353,10 +353,14 @@ def flash_attention_backward(dout, cache: FlashCache, *, dlse=None, workers: Opt
                 s = t.scores_mask(q_i @ k_j.mT, rows, cols)                 # (..., G, R*bq, bk)
                 s -= lse_i                                                  # in place: this step's own array
                 p = xp.exp(s)                                               # eq. (5.4)
+                del s                                                       # two tiles alive, not three
+                dv_step = p.mT @ dout_i                                     # eq. (5.5)
                 dp = dout_i @ v_j.mT                                        # (..., G, R*bq, bk)    eq. (5.5)
                 dp -= delta_i
-                ds = p * dp                                                 # eq. (5.6): p * (dp - delta_i)
-                dv_step, dk_step = p.mT @ dout_i, ds.mT @ q_i               # eq. (5.5); scaled below
+                dp *= p                                                     # in place: dp is our own array
+                ds = dp                                                     # eq. (5.6): p * (dp - delta_i)
+                del p
+                dk_step = ds.mT @ q_i                                       # eq. (5.5); scaled below
                 dv_j = dv_step if dv_j is None else dv_j + dv_step          # (..., G, bk, Dv)
                 dk_j = dk_step if dk_j is None else dk_j + dk_step          # (..., G, bk, D)
                 dq_i = dq5[..., rows[0]:rows[1], :]
