@@ -5,8 +5,9 @@ import numpy as np
 from scipy.special import logsumexp, softmax
 
 
-def attention_reference(q, k, v, mask=None, causal=False, scale=None):
-    """Returns ``(o, p, lse)`` for ``q (..., H, N, D)``, ``k, v (..., G, M, .)``, by loops."""
+def attention_reference(q, k, v, mask=None, causal=False, scale=None, softcap=None, alibi_slopes=None, window=None):
+    """Returns ``(o, p, lse)`` for ``q (..., H, N, D)``, ``k, v (..., G, M, .)``, by loops, with the
+    variants written out per score: softcap, then the float mask and ALiBi, then every bool rule."""
     q, k, v = (np.asarray(a, dtype=np.float64) for a in (q, k, v))
     single = q.ndim == 2
     if single:
@@ -22,9 +23,15 @@ def attention_reference(q, k, v, mask=None, causal=False, scale=None):
     lse = np.full(lead + (n,), -np.inf)
     if mask is not None:
         full_mask = np.broadcast_to(mask if not single else np.asarray(mask)[None], lead + (n, m))
+    if alibi_slopes is not None:
+        slopes = np.broadcast_to(np.asarray(alibi_slopes, dtype=np.float64), lead)
     for idx in np.ndindex(*lead):
         for i in range(n):
             row = np.array([scale * np.dot(q[idx][i], k[idx][j]) for j in range(m)])
+            if softcap is not None:
+                row = np.array([softcap * np.tanh(x / softcap) for x in row])
+            if alibi_slopes is not None:
+                row = row - np.array([slopes[idx] * abs(i + m - n - j) for j in range(m)])
             allowed = np.ones(m, dtype=bool)
             if mask is not None:
                 mrow = full_mask[idx][i]
@@ -33,7 +40,14 @@ def attention_reference(q, k, v, mask=None, causal=False, scale=None):
                 else:
                     row = row + mrow
             if causal:
-                allowed &= np.arange(m) <= i + m - n
+                allowed &= np.arange(m) <= (i if causal == "top-left" else i + m - n)
+            if window is not None:
+                left, right = window
+                j = np.arange(m)
+                if left is not None:
+                    allowed &= j >= i + m - n - left
+                if right is not None:
+                    allowed &= j <= i + m - n + right
             row = np.where(allowed, row, -np.inf)
             if np.all(row == -np.inf):
                 continue                                    # no key: o, p stay 0, lse -inf

@@ -12,7 +12,8 @@ copy of K or V (derivations/03-attention.md, eq. (3.11)).
 
 Forward, in steps (derivations/03-attention.md):
     1. s = scale * q k^T                        eq. (3.1)
-    2. s = s + mask (float);  s = -inf where a bool mask or causal forbids     eqs. (3.2)-(3.3)
+    2. the score pipeline (ops/scores.py): softcap, float mask and ALiBi added, then -inf wherever
+       a bool mask, causal or the window forbids   eqs. (13.1)-(13.3), (3.2)-(3.3)
     3. p = softmax(s) along keys (fully masked rows give 0)                    eq. (3.4)
     4. p_d = p * z / (1 - dropout_p), z ~ Bernoulli(1 - dropout_p)              eq. (3.5)
     5. o = p_d v                                eq. (3.6)
@@ -20,7 +21,8 @@ Backward, the same steps in reverse:
     5. dv = p_d^T dout,  dp_d = dout v^T        eq. (3.7)
     4. dp = dp_d * z / (1 - dropout_p)          eq. (3.8)
     3. ds = p * (dp - rowsum(p * dp))           eq. (3.9)
-    2. masked entries have p = 0, so ds = 0 there; nothing to undo
+    2. masked entries have p = 0, so ds = 0 there; additive terms pass ds through (dmask = ds summed
+       to the mask's shape, eq. (13.5)); softcap multiplies it by 1 - tanh^2       eq. (13.6)
     1. dq = scale * ds k,  dk = scale * ds^T q  eq. (3.10), summed over each kv group: eq. (3.11)
 """
 
@@ -32,9 +34,7 @@ from typing import NamedTuple, Optional
 from ..backend import (
     check_dout,
     check_float,
-    check_mask,
     check_same_dtype,
-    check_scale,
     check_workers,
     compute_dtype,
     default_workers,
@@ -45,6 +45,7 @@ from ..backend import (
     run_grid,
     to_compute,
 )
+from .scores import Scores, causal_offset, make_scores, mask_grad_block, softcap_backward
 from .softmax import _stable_softmax
 
 __all__ = ["attention_forward", "attention_backward", "AttentionCache", "causal_allowed", "check_qkv"]
@@ -67,6 +68,8 @@ class AttentionCache(NamedTuple):
     scale: float
     dropout_p: float
     workers: int = 1  # the backward's default: threads over independent (batch, kv-group) slices
+    t: object = None  # tanh(s / softcap) (..., H, N, M) for the softcap backward, or None
+    sc: object = None  # the score pipeline (ops/scores.py): mask, band, ALiBi, softcap
 
 
 def check_qkv(xp, q, k, v):
@@ -93,17 +96,15 @@ def check_qkv(xp, q, k, v):
     return g, h // g
 
 
-def causal_allowed(xp, rows, cols, n: int, m: int, like):
-    """Bool ``(len(rows), len(cols))``: query ``i`` may see key ``j`` iff ``j <= i + M - N``.
-
-    Bottom-right alignment, as FlashAttention >= 2.1. ``rows``/``cols`` are ``(start, stop)``
-    index ranges so tiles can ask for their own block. Derivation: derivations/03-attention.md,
-    eq. (3.3).
+def causal_allowed(xp, rows, cols, n: int, m: int, like, causal=True):
+    """Bool ``(len(rows), len(cols))``: query ``i`` may see key ``j`` iff ``j <= i + M - N``
+    (bottom-right, as FlashAttention >= 2.1; ``causal="top-left"``: ``j <= i``). ``rows``/``cols``
+    are ``(start, stop)`` index ranges. Derivation: derivations/03-attention.md, eq. (3.3).
     """
     dev = device(like)
     i = xp.arange(rows[0], rows[1], device=dev)[:, None]     # (n_rows, 1)
     j = xp.arange(cols[0], cols[1], device=dev)[None, :]     # (1, n_cols)
-    return j <= i + (m - n)                                  # (n_rows, n_cols)
+    return j <= i + causal_offset(causal, n, m)              # (n_rows, n_cols)
 
 
 def _check_dropout(dropout_p):
@@ -141,6 +142,29 @@ class _Split(NamedTuple):
         """Share ``w`` of a kv-side array (k, v, dk, dv)."""
         u0, u1 = self.ranges[w]
         return a[(slice(None),) * self.axis + (slice(u0, u1),)]
+
+    def scores(self, sc: Scores, w) -> Scores:
+        """The score pipeline of share ``w``: its mask and ALiBi slopes, and its kv groups."""
+        slopes = sc.slopes
+        if slopes is not None and slopes.shape[self.axis] != 1:
+            slopes = self.kv_side(slopes, w)              # (..., G, R, 1, 1): the G axis is q's head axis
+        u0, u1 = self.ranges[w]
+        lead, G = sc.lead, sc.G
+        if self.axis == len(lead):                        # cut on the head axis: its kv groups
+            G = u1 - u0
+        else:                                             # cut on a batch axis
+            lead = lead[:self.axis] + (u1 - u0,) + lead[self.axis + 1:]
+        return sc._replace(mask=self.q_side(sc.mask, w), slopes=slopes, G=G, lead=lead)
+
+    def join_mask(self, xp, mask, parts):
+        """The shares' ``dmask`` blocks as one: summed in share order where the mask is broadcast
+        along the split axis (every share saw all of it), else laid side by side."""
+        if mask.shape[self.axis] == 1:
+            total = parts[0]
+            for part in parts[1:]:
+                total = total + part
+            return total
+        return xp.concat(parts, axis=self.axis)
 
     def index(self, w, r=None):
         u0, u1 = self.ranges[w]
@@ -181,8 +205,9 @@ def resolve_naive_workers(xp, workers, scores: int) -> int:
     return check_workers(xp, workers)
 
 
-def attention_forward(q, k, v, *, mask=None, causal=False, scale=None, dropout_p=0.0, rng=None, workers=None):
-    """Scaled dot-product attention ``o = dropout(softmax(scale * q k^T + mask)) v``.
+def attention_forward(q, k, v, *, mask=None, causal=False, scale=None, dropout_p=0.0, rng=None, softcap=None,
+                      alibi_slopes=None, window=None, workers=None):
+    """Scaled dot-product attention ``o = dropout(softmax(scores(q, k))) v``.
 
     Parameters
     ----------
@@ -191,15 +216,23 @@ def attention_forward(q, k, v, *, mask=None, causal=False, scale=None, dropout_p
     v : array (..., G, M, Dv)
     mask : array or None
         Broadcastable to ``(..., H, N, M)``. bool: True = may attend. float (the inputs' dtype):
-        added to the scores.
-    causal : bool
-        Query ``i`` may attend key ``j`` iff ``j <= i + M - N`` (bottom-right). Combines with mask.
+        added to the scores (a learnable bias: ``attention_backward(..., mask_grad=True)``).
+    causal : bool or "bottom-right" / "top-left"
+        True (= "bottom-right"): query ``i`` may attend key ``j`` iff ``j <= i + M - N``;
+        "top-left": iff ``j <= i`` (torch's ``is_causal``). Combines with mask and window.
     scale : float or None
         Defaults to ``1/sqrt(D)``.
     dropout_p : float in [0, 1)
         Probability of zeroing an attention weight; kept weights are scaled by ``1/(1-dropout_p)``.
     rng : numpy.random.Generator, int seed or None
         Source of the dropout mask; an int seed gives the same mask on every library.
+    softcap : float > 0 or None
+        Replaces the scaled scores by ``softcap * tanh(s / softcap)`` (Gemma 2), first.
+    alibi_slopes : array broadcastable to ``(..., H)`` or None
+        Adds ``-slope_h * |i + M - N - j|`` to head ``h``'s scores (ALiBi). No gradient.
+    window : (left, right) or None
+        Query ``i`` sees key ``j`` only if ``i + M - N - left <= j <= i + M - N + right``
+        (None on a side: unbounded). Sliding-window attention (Longformer, Mistral).
     workers : int >= 1 or None
         Threads over independent (batch, kv-group) slices, each running steps 1-5 below on its
         slice (BLAS on one thread each; needs threadpoolctl). None: every core for NumPy inputs with
@@ -210,41 +243,50 @@ def attention_forward(q, k, v, *, mask=None, causal=False, scale=None, dropout_p
     o : array (..., H, N, Dv), the inputs' dtype.
     cache : AttentionCache (``cache.p`` is the weights before dropout).
 
-    Derivation: derivations/03-attention.md, eqs. (3.1)-(3.6).
+    Derivation: derivations/03-attention.md, eqs. (3.1)-(3.6); the variants: derivations/13-variants.md.
     """
     xp = namespace(q=q, k=k, v=v, mask=mask)
-    check_qkv(xp, q, k, v)
-    scale = check_scale(scale, q.shape[-1])
+    G, R = check_qkv(xp, q, k, v)
     dropout_p = _check_dropout(dropout_p)
     ct = compute_dtype(xp, q.dtype)
     m, dv = k.shape[-2], v.shape[-1]
     scores_shape = tuple(q.shape[:-1]) + (m,)                             # (..., H, N, M)
-    mask = check_mask(xp, mask, scores_shape, q.dtype)
+    sc = make_scores(xp, q, k, mask=mask, causal=causal, scale=scale, softcap=softcap,
+                     alibi_slopes=alibi_slopes, window=window, G=G, R=R)
     workers = resolve_naive_workers(xp, workers, math.prod(scores_shape))
     keep = None
     if dropout_p > 0.0:                                                   # drawn whole, so shares don't matter
         keep = from_numpy(xp, host_rng(rng).random(scores_shape) >= dropout_p, like=q)   # (..., H, N, M)
     split = _split(q, k, workers)
     if split is None:
-        o, p = _attend(xp, q, k, v, mask, keep, causal, scale, dropout_p)
+        o, p, t = _attend(xp, q, k, v, sc, keep, dropout_p)
     else:
-        o = xp.empty(tuple(q.shape[:-1]) + (dv,), dtype=ct, device=device(q))   # (..., H, N, Dv)
-        p = xp.empty(scores_shape, dtype=ct, device=device(q))                  # (..., H, N, M)
+        dev = device(q)
+        o = xp.empty(tuple(q.shape[:-1]) + (dv,), dtype=ct, device=dev)   # (..., H, N, Dv)
+        p = xp.empty(scores_shape, dtype=ct, device=dev)                  # (..., H, N, M)
+        t = xp.empty(scores_shape, dtype=ct, device=dev) if sc.softcap is not None else None
 
         def share(w, _):
-            o_w, p_w = _attend(xp, split.q_side(q, w), split.kv_side(k, w), split.kv_side(v, w),
-                               split.q_side(mask, w), split.q_side(keep, w), causal, scale, dropout_p)
+            o_w, p_w, t_w = _attend(xp, split.q_side(q, w), split.kv_side(k, w), split.kv_side(v, w),
+                                    split.scores(sc, w), split.q_side(keep, w), dropout_p)
             o[split.index(w)], p[split.index(w)] = o_w, p_w
+            if t is not None:
+                t[split.index(w)] = t_w
 
         run_grid(share, split.ranges)
-    cache = AttentionCache(q=q, k=k, v=v, p=p, keep=keep, scale=scale, dropout_p=dropout_p, workers=workers)
+    cache = AttentionCache(q=q, k=k, v=v, p=p, keep=keep, scale=sc.scale, dropout_p=dropout_p, workers=workers,
+                           t=t, sc=sc)
     return xp.astype(o, q.dtype, copy=False), cache
 
 
-def _attend(xp, q, k, v, mask, keep, causal, scale, dropout_p):
-    """Steps 1-5 of the forward on one slice (or all of it): ``(o, p)`` in the compute dtype."""
-    G, R = (1, 1) if q.ndim == 2 else (k.shape[-3], q.shape[-3] // k.shape[-3])
-    ct = compute_dtype(xp, q.dtype)
+def _grouped5(xp, a, sc: Scores):
+    """``(..., H, N, M)`` <-> ``(..., G, R, N, M)``, the score pipeline's layout (a free reshape)."""
+    return xp.reshape(a, sc.lead + (sc.G, sc.R) + tuple(a.shape[-2:]))
+
+
+def _attend(xp, q, k, v, sc: Scores, keep, dropout_p):
+    """Steps 1-5 of the forward on one slice (or all of it): ``(o, p, t)`` in the compute dtype."""
+    G, R = sc.G, sc.R
     n, m, d, dv = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
     lead = tuple(q.shape[:-3])
     scores_shape = tuple(q.shape[:-1]) + (m,)                             # (..., H, N, M)
@@ -252,16 +294,11 @@ def _attend(xp, q, k, v, mask, keep, causal, scale, dropout_p):
 
     # 1. scores, one matmul per kv group: eq. (3.1)
     qg = xp.reshape(qc, lead + (G, R * n, d))                            # (..., G, R*N, D)
-    s = xp.reshape((scale * qg) @ kc.mT, scores_shape)                   # (..., H, N, M)
-    # 2. masks: float masks add, bool masks and causal forbid: eqs. (3.2)-(3.3)
-    if mask is not None and xp.isdtype(mask.dtype, "real floating"):
-        s += xp.astype(mask, ct)                                         # in place: s is our own array
-    allowed = mask if mask is not None and xp.isdtype(mask.dtype, "bool") else None
-    if causal:
-        tri = causal_allowed(xp, (0, n), (0, m), n, m, like=q)             # (N, M)
-        allowed = tri if allowed is None else xp.logical_and(allowed, tri)
-    if allowed is not None:
-        s = xp.where(allowed, s, xp.asarray(-xp.inf, dtype=ct, device=device(q)))
+    s = xp.reshape((sc.scale * qg) @ kc.mT, lead + (G, R, n, m))          # (..., G, R, N, M)
+    # 2. the score pipeline: softcap, float mask, ALiBi, then every bool constraint (mask, causal,
+    #    window) as -inf: eqs. (13.1)-(13.3), (3.2)-(3.3)
+    s, t = sc.apply(xp, s, (0, n), (0, m))
+    s = xp.reshape(s, scores_shape)                                      # (..., H, N, M)
     # 3. softmax over keys; rows with no allowed key give p = 0: eq. (3.4)
     p, _, _ = _stable_softmax(xp, s, -1, overwrite=True)                  # (..., H, N, M); s is ours
     # 4. dropout: eq. (3.5)
@@ -269,44 +306,65 @@ def _attend(xp, q, k, v, mask, keep, causal, scale, dropout_p):
     # 5. weighted sum of values: eq. (3.6)
     o = xp.reshape(xp.reshape(p_d, lead + (G, R * n, m)) @ vc,
                    tuple(q.shape[:-1]) + (dv,))                          # (..., H, N, Dv)
-    return o, p
+    return o, p, None if t is None else xp.reshape(t, scores_shape)
 
 
-def attention_backward(dout, cache: AttentionCache, *, workers=None):
-    """Gradients of ``attention_forward``: returns ``(dq, dk, dv)`` in q, k, v's shapes.
+def attention_backward(dout, cache: AttentionCache, *, mask_grad: bool = False, workers=None):
+    """Gradients of ``attention_forward``: ``(dq, dk, dv)`` in q, k, v's shapes, and ``dmask`` (in
+    the float mask's own shape) too with ``mask_grad=True``.
 
     With grouped-query attention ``dk``, ``dv`` are summed over the ``R`` query heads of each
     group. ``workers`` defaults to the forward's. Derivation: derivations/03-attention.md,
-    eqs. (3.7)-(3.11).
+    eqs. (3.7)-(3.11); the variants' terms: derivations/13-variants.md, eqs. (13.5)-(13.6).
     """
-    q, k, v, p, keep, scale, dropout_p, cache_workers = cache
+    if not isinstance(cache, AttentionCache):
+        raise TypeError(f"cache must be the AttentionCache of attention_forward, got {type(cache).__name__}")
+    q, k, v, p, keep, scale, dropout_p, cache_workers, t, sc = cache
     xp = namespace(dout=dout, q=q)
     check_dout(xp, dout, tuple(q.shape[:-1]) + (v.shape[-1],), q.dtype)
+    want_dmask = _check_mask_grad(xp, mask_grad, sc)
     workers = cache_workers if workers is None else check_workers(xp, workers)
     split = _split(q, k, workers)
     if split is None:
-        grads = _attend_backward(xp, dout, q, k, v, p, keep, scale, dropout_p)
+        grads = _attend_backward(xp, dout, q, k, v, p, keep, t, sc, dropout_p, want_dmask)
     else:
         ct = compute_dtype(xp, q.dtype)
-        grads = tuple(xp.empty(tuple(a.shape), dtype=ct, device=device(q)) for a in (q, k, v))
+        full = [xp.empty(tuple(a.shape), dtype=ct, device=device(q)) for a in (q, k, v)]
+        dmask_parts = [None] * len(split.ranges)
 
         def share(w, _):
             parts = _attend_backward(xp, split.q_side(dout, w), split.q_side(q, w), split.kv_side(k, w),
-                                     split.kv_side(v, w), split.q_side(p, w), split.q_side(keep, w), scale, dropout_p)
-            for full, part, r in zip(grads, parts, (None, 1, 1)):
-                full[split.index(w, r)] = part
+                                     split.kv_side(v, w), split.q_side(p, w), split.q_side(keep, w),
+                                     split.q_side(t, w), split.scores(sc, w), dropout_p, want_dmask)
+            for whole, part, r in zip(full, parts, (None, 1, 1)):
+                whole[split.index(w, r)] = part
+            dmask_parts[w] = parts[3] if want_dmask else None
 
         run_grid(share, split.ranges)
+        grads = tuple(full)
+        if want_dmask:
+            grads += (split.join_mask(xp, sc.mask, dmask_parts),)
     dt = q.dtype
-    return tuple(xp.astype(a, dt, copy=False) for a in grads)
+    out = tuple(xp.astype(a, dt, copy=False) for a in grads[:3])
+    if want_dmask:                                    # in the mask's own shape (check_mask padded it)
+        out += (xp.astype(xp.reshape(grads[3], sc.mask_shape), dt, copy=False),)
+    return out
 
 
-def _attend_backward(xp, dout, q, k, v, p, keep, scale, dropout_p):
-    """The backward's steps on one slice (or all of it): ``(dq, dk, dv)`` in the compute dtype."""
+def _check_mask_grad(xp, mask_grad, sc: Scores) -> bool:
+    if not isinstance(mask_grad, bool):
+        raise TypeError(f"mask_grad must be a bool, got {mask_grad!r}")
+    if mask_grad and (sc.mask is None or not xp.isdtype(sc.mask.dtype, "real floating")):
+        raise ValueError("mask_grad=True returns the gradient of a float mask; this forward had "
+                         f"{'no mask' if sc.mask is None else 'a bool mask'}")
+    return mask_grad
+
+
+def _attend_backward(xp, dout, q, k, v, p, keep, t, sc: Scores, dropout_p, want_dmask):
+    """The backward's steps on one slice (or all of it): ``(dq, dk, dv[, dmask])``, compute dtype."""
     n, m, d, dv = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
     lead = tuple(q.shape[:-3])
-    G = 1 if q.ndim == 2 else k.shape[-3]
-    R = (1 if q.ndim == 2 else q.shape[-3]) // G
+    G, R = sc.G, sc.R
     qc, kc, vc, g = (to_compute(xp, a) for a in (q, k, v, dout))
 
     def grouped(a, cols):
@@ -325,8 +383,13 @@ def _attend_backward(xp, dout, q, k, v, p, keep, scale, dropout_p):
     dp -= xp.sum(p * dp, axis=-1, keepdims=True)                          # in place: dp is our own array
     ds = dp                                                              # (..., H, N, M)
     ds *= p                                                              # ds = p * (dp - rowsum(p * dp))
+    # step 2, the score pipeline: additive terms pass ds through (dmask, eq. (13.5)); softcap
+    # multiplies it by 1 - tanh^2 (eq. (13.6))
+    dmask = mask_grad_block(xp, sc, _grouped5(xp, ds, sc), (0, n)) if want_dmask else None
+    ds = softcap_backward(ds, t)
     # step 1, s = scale * q k^T: eq. (3.10)
     dsg = grouped(ds, m)                                                 # (..., G, R*N, M)
-    dq = xp.reshape(scale * (dsg @ kc), q.shape)                         # (..., H, N, D)
-    dk = scale * (dsg.mT @ grouped(qc, d))                               # (..., G, M, D)  eq. (3.11)
-    return dq, xp.reshape(dk, k.shape), xp.reshape(dv_, v.shape)
+    dq = xp.reshape(sc.scale * (dsg @ kc), q.shape)                      # (..., H, N, D)
+    dk = sc.scale * (dsg.mT @ grouped(qc, d))                            # (..., G, M, D)  eq. (3.11)
+    grads = (dq, xp.reshape(dk, k.shape), xp.reshape(dv_, v.shape))
+    return grads + (dmask,) if want_dmask else grads

@@ -13,8 +13,8 @@ group in the backward. ``bq <= block_q``, ``bk <= block_k`` (the last tiles may 
 
 Forward for query tile i (derivations/04-online-softmax.md):
     m_i = -inf, l_i = 0, acc = 0
-    for each key tile j not entirely above the causal diagonal:
-        s     = scale * q_i k_j^T, masked                eq. (4.5)
+    for each key tile j that causal and the window do not hide entirely (eq. (13.4)):
+        s     = scores(q_i, k_j): scale, softcap, bias, masks   eq. (4.5), ops/scores.py
         m_new = max(m_i, rowmax(s))                       eq. (4.6)
         alpha = exp(m_i - m_new)                          eq. (4.7)
         p     = exp(s - m_new)                            eq. (4.7)
@@ -25,10 +25,11 @@ Forward for query tile i (derivations/04-online-softmax.md):
 Backward (derivations/05-flash-backward.md):
     delta = rowsum(dout * o) - dlse                       eqs. (5.3), (5.6)
     for each key tile j, for each query tile i that can see it:
-        p    = exp(s - lse_i)                             eq. (5.4)
+        p    = exp(scores(q_i, k_j) - lse_i)              eq. (5.4)
         dv_j += p^T dout_i                                eq. (5.5)
         dp   = dout_i v_j^T                               eq. (5.5)
         ds   = p * (dp - delta_i)                         eq. (5.6)
+        dmask_ij += ds (summed to the mask's block),  ds *= 1 - tanh^2 (softcap)   eqs. (13.5)-(13.6)
         dq_i += scale * ds k_j,  dk_j += scale * ds^T q_i eq. (5.5)
     (the backward scales each key tile, k_j * scale, instead of all of q: no N x D copy)
 """
@@ -40,8 +41,7 @@ from typing import Callable, NamedTuple, Optional
 from ..backend import (
     check_block,
     check_float,
-    check_mask,
-    check_scale,
+    check_dout,
     check_workers,
     compute_dtype,
     default_workers,
@@ -50,7 +50,8 @@ from ..backend import (
     run_grid,
     to_compute,
 )
-from .attention import causal_allowed, check_qkv
+from .attention import _check_mask_grad, check_qkv
+from .scores import Scores, make_scores, mask_grad_block, softcap_backward
 
 __all__ = ["flash_attention_forward", "flash_attention_backward", "FlashCache", "FlashTile"]
 
@@ -69,11 +70,12 @@ class FlashCache(NamedTuple):
     o: object  # (..., H, N, Dv), the inputs' dtype
     lse: object  # (..., H, N), the compute dtype; -inf for rows that see no key
     mask: object  # the caller's mask (padded to the scores' ndim) or None
-    causal: bool
+    causal: object  # False, True, "bottom-right" or "top-left"
     scale: float
     block_q: int
     block_k: int
     workers: int = 1  # the backward's default: threads for its outer (key tile) loop
+    sc: object = None  # the score pipeline (ops/scores.py): mask, band, ALiBi, softcap
 
 
 class FlashTile(NamedTuple):
@@ -98,22 +100,40 @@ def _shares(n_tiles: int, workers: int) -> list:
 
 
 class _Tiles:
-    """Tile bookkeeping shared by forward and backward: index ranges, the causal skip, and
-    slicing q-side arrays into the grouped ``(..., G, R*bq, C)`` layout and back."""
+    """Tile bookkeeping shared by forward and backward: index ranges, which tiles the band lets
+    through, the score pipeline on one tile, and slicing q-side arrays into the grouped
+    ``(..., G, R*bq, C)`` layout and back."""
 
-    def __init__(self, xp, q, k, mask, causal, block_q, block_k, G, R):
-        self.xp, self.mask, self.causal = xp, mask, causal
+    def __init__(self, xp, q, k, sc: Scores, block_q, block_k):
+        self.xp, self.sc = xp, sc
         self.n, self.m = q.shape[-2], k.shape[-2]
-        self.lead, self.G, self.R = tuple(q.shape[:-3]), G, R
+        self.lead, self.G, self.R = sc.lead, sc.G, sc.R
         self.rows = [(i0, min(i0 + block_q, self.n)) for i0 in range(0, self.n, block_q)]
         self.cols = [(j0, min(j0 + block_k, self.m)) for j0 in range(0, self.m, block_k)]
         self.neg_inf = xp.asarray(-xp.inf, dtype=compute_dtype(xp, q.dtype), device=device(q))
         self.like = q
 
-    def visible(self, rows, cols) -> bool:
-        """False when causal hides the whole tile: its first key is past its last query's
-        diagonal, ``j0 > (i1 - 1) + M - N``. Such tiles are skipped, not computed and masked."""
-        return not self.causal or cols[0] <= rows[1] - 1 + self.m - self.n
+    def key_tiles(self, rows) -> list:
+        """The key tiles query tile ``rows`` may see: causal and the window hide the others
+        entirely, and they are skipped, not computed and masked (eq. (13.4)). O(w / bk) of them
+        for a window of width w."""
+        return [j for j, cols in enumerate(self.cols) if self.sc.visible(rows, cols)]
+
+    def query_tiles(self, cols) -> list:
+        """The query tiles that may see key tile ``cols`` (the backward's inner loop)."""
+        return [i for i, rows in enumerate(self.rows) if self.sc.visible(rows, cols)]
+
+    def scores(self, s, rows, cols):
+        """The score pipeline on one tile of scaled scores ``(..., G, R*bq, bk)``: softcap, float
+        mask, ALiBi, then -inf where a bool mask or the band forbids. Returns ``(s, t)`` with ``t``
+        the softcap's tanh (None without softcap). Derivation: derivations/13-variants.md, eqs. (13.1)-(13.3)."""
+        if not self.sc.has_bias() and self.sc.covered(rows, cols):
+            return s, None                                              # nothing to add or mask
+        xp, (i0, i1), (j0, j1) = self.xp, rows, cols
+        s5 = xp.reshape(s, self.lead + (self.G, self.R, i1 - i0, j1 - j0))   # (..., G, R, bq, bk)
+        s5, t = self.sc.apply(xp, s5, rows, cols)
+        shape = tuple(s.shape)
+        return xp.reshape(s5, shape), None if t is None else xp.reshape(t, shape)
 
     def grouped(self, a):
         """q-side ``(..., H, N, C)`` -> ``(..., G, R, N, C)``, once per array: free for a contiguous
@@ -139,34 +159,13 @@ class _Tiles:
         """A row statistic ``(..., G, R*bq, 1)`` as ``(..., H, bq)`` (a view), for ``FlashTile``."""
         return self.xp.reshape(x, self.lead + (self.G * self.R, rows[1] - rows[0]))
 
-    def scores_mask(self, s, rows, cols):
-        """Apply the float mask, the bool mask and causal to one score tile ``(..., G, R*bq, bk)``.
-        Derivation: derivations/03-attention.md, eqs. (3.2)-(3.3)."""
-        xp, mask = self.xp, self.mask
-        (i0, i1), (j0, j1) = rows, cols
-        causal_cut = self.causal and j1 - 1 > i0 + self.m - self.n   # tile straddles the diagonal
-        if mask is None and not causal_cut:
-            return s
-        tile_shape = self.lead + (self.G, self.R, i1 - i0, j1 - j0)
-        s5 = xp.reshape(s, tile_shape)                                  # (..., G, R, bq, bk)
-        allowed = None
-        if mask is not None:
-            mt = mask
-            mt = mt[..., i0:i1, :] if mt.shape[-2] != 1 else mt
-            mt = mt[..., j0:j1] if mt.shape[-1] != 1 else mt
-            h = mt.shape[-3]                                              # H or 1
-            mt = xp.reshape(mt, tuple(mt.shape[:-3]) + ((self.G, self.R) if h != 1 else (1, 1))
-                            + tuple(mt.shape[-2:]))                     # (..., G|1, R|1, bq|1, bk|1)
-            if xp.isdtype(mt.dtype, "bool"):
-                allowed = mt
-            else:
-                s5 = s5 + xp.astype(mt, s.dtype)
-        if causal_cut:
-            tri = causal_allowed(xp, rows, cols, self.n, self.m, like=self.like)   # (bq, bk)
-            allowed = tri if allowed is None else xp.logical_and(allowed, tri)
-        if allowed is not None:
-            s5 = xp.where(allowed, s5, self.neg_inf)
-        return xp.reshape(s5, tuple(s.shape))
+    def mask_index(self, rows, cols) -> tuple:
+        """Where a tile's ``dmask`` block lands in the (padded) mask: its rows and columns, or
+        ``0:1`` along an axis the mask is broadcast on."""
+        mask = self.sc.mask
+        r = slice(rows[0], rows[1]) if mask.shape[-2] != 1 else slice(0, 1)
+        c = slice(cols[0], cols[1]) if mask.shape[-1] != 1 else slice(0, 1)
+        return (Ellipsis, r, c)
 
 
 # Defaults chosen by measurement (benchmarks/RESULTS.md, "Defaults"; fwd+bwd, H=8, D=64, 2 cores):
@@ -190,14 +189,16 @@ def default_tiling(xp, n: int, block_q, block_k, workers):
     return block_q, block_k, workers
 
 
-def flash_attention_forward(q, k, v, *, mask=None, causal=False, scale=None, block_q=None, block_k=None,
+def flash_attention_forward(q, k, v, *, mask=None, causal=False, scale=None, softcap=None, alibi_slopes=None,
+                            window=None, block_q=None, block_k=None,
                             on_tile: Optional[Callable[[FlashTile], None]] = None, workers=None):
     """Attention computed tile by tile with an online softmax (FlashAttention-2 forward).
 
     Parameters
     ----------
-    q, k, v, mask, causal, scale
-        As ``attention_forward`` (no dropout).
+    q, k, v, mask, causal, scale, softcap, alibi_slopes, window
+        As ``attention_forward`` (no dropout). Tiles that causal or the window hide entirely are
+        skipped, so a window of width w costs O(N w), not O(N M).
     block_q, block_k : int >= 1 or None
         Query and key tile sizes; they need not divide N or M (the last tiles are ragged). None:
         ``DEFAULT_BLOCK`` (256), see ``default_tiling``.
@@ -222,17 +223,20 @@ def flash_attention_forward(q, k, v, *, mask=None, causal=False, scale=None, blo
     """
     xp = namespace(q=q, k=k, v=v, mask=mask)
     G, R = check_qkv(xp, q, k, v)
-    scale = check_scale(scale, q.shape[-1])
     block_q, block_k, workers = default_tiling(xp, q.shape[-2], block_q, block_k, workers)
+    if on_tile is not None and not callable(on_tile):
+        raise TypeError(f"on_tile must be callable or None, got {on_tile!r}")
     if q.ndim == 2:                                   # one head: run as (1, N, D) and drop the axis
-        check_mask(xp, mask, (q.shape[0], k.shape[0]), q.dtype)
+        make_scores(xp, q, k, mask=mask, causal=causal, scale=scale, softcap=softcap, alibi_slopes=alibi_slopes,
+                    window=window, G=1, R=1)          # errors name the caller's 2-D shapes
         o, cache = flash_attention_forward(q[None, ...], k[None, ...], v[None, ...], mask=mask, causal=causal,
-                                           scale=scale, block_q=block_q, block_k=block_k, on_tile=on_tile,
-                                           workers=workers)
+                                           scale=scale, softcap=softcap, alibi_slopes=alibi_slopes, window=window,
+                                           block_q=block_q, block_k=block_k, on_tile=on_tile, workers=workers)
         return o[0, ...], cache._replace(q=q, k=k, v=v, o=o[0, ...], lse=cache.lse[0, ...])
-    m, dv = k.shape[-2], v.shape[-1]
-    mask = check_mask(xp, mask, tuple(q.shape[:-1]) + (m,), q.dtype)
-    t = _Tiles(xp, q, k, mask, causal, block_q, block_k, G, R)
+    sc = make_scores(xp, q, k, mask=mask, causal=causal, scale=scale, softcap=softcap, alibi_slopes=alibi_slopes,
+                     window=window, G=G, R=R)
+    scale, mask, dv = sc.scale, sc.mask, v.shape[-1]
+    t = _Tiles(xp, q, k, sc, block_q, block_k)
     qc = to_compute(xp, q)
     kc, vc = to_compute(xp, k), to_compute(xp, v)
     zero = xp.zeros_like(t.neg_inf)
@@ -245,11 +249,10 @@ def flash_attention_forward(q, k, v, *, mask=None, causal=False, scale=None, blo
             rows = t.rows[i]
             q_i = t.split(q5, rows) * scale                                 # (..., G, R*bq, D), scaled once per tile
             m_i = l_i = acc = None                                          # -inf, 0, 0 before the first key tile
-            for j, cols in enumerate(t.cols):
-                if not t.visible(rows, cols):
-                    break                                                   # every later tile is hidden too
+            for j in t.key_tiles(rows):                                     # the band's tiles only: eq. (13.4)
+                cols = t.cols[j]
                 k_j, v_j = kc[..., cols[0]:cols[1], :], vc[..., cols[0]:cols[1], :]   # (..., G, bk, D|Dv)
-                s = t.scores_mask(q_i @ k_j.mT, rows, cols)                 # (..., G, R*bq, bk)   eq. (4.5)
+                s, _ = t.scores(q_i @ k_j.mT, rows, cols)                   # (..., G, R*bq, bk)   eq. (4.5)
                 m_tile = xp.max(s, axis=-1, keepdims=True)                  # (..., G, R*bq, 1)
                 m_new = m_tile if m_i is None else xp.maximum(m_i, m_tile)  # eq. (4.6)
                 m_safe = xp.where(m_new == -xp.inf, zero, m_new)            # all -inf so far: shift by 0
@@ -265,7 +268,7 @@ def flash_attention_forward(q, k, v, *, mask=None, causal=False, scale=None, blo
                 m_i = m_new
                 if on_tile is not None:
                     on_tile(FlashTile(i, j, *(t.heads(x, rows) for x in (m_i, l_i, alpha))))
-            if m_i is None:                                                 # causal hid every key tile:
+            if m_i is None:                                                 # the band hid every key tile:
                 lse5[..., rows[0]:rows[1], :] = t.neg_inf                   # o stays 0, lse = -inf
                 continue
             # eq. (4.10); l_i == 0 exactly when the row saw no key: o = 0, lse = -inf
@@ -278,11 +281,14 @@ def flash_attention_forward(q, k, v, *, mask=None, causal=False, scale=None, blo
     o = xp.astype(xp.reshape(o5, tuple(q.shape[:-1]) + (dv,)), q.dtype, copy=False)   # (..., H, N, Dv)
     lse = xp.reshape(lse5, tuple(q.shape[:-1]))                             # (..., H, N)
     return o, FlashCache(q=q, k=k, v=v, o=o, lse=lse, mask=mask, causal=causal, scale=scale,
-                         block_q=block_q, block_k=block_k, workers=workers)
+                         block_q=block_q, block_k=block_k, workers=workers, sc=sc)
 
 
-def flash_attention_backward(dout, cache: FlashCache, *, dlse=None, workers: Optional[int] = None):
-    """Gradients of ``flash_attention_forward``: ``(dq, dk, dv)``, recomputing ``p`` tile by tile.
+def flash_attention_backward(dout, cache: FlashCache, *, dlse=None, mask_grad: bool = False,
+                             workers: Optional[int] = None):
+    """Gradients of ``flash_attention_forward``: ``(dq, dk, dv)``, recomputing ``p`` tile by tile;
+    with ``mask_grad=True`` also ``dmask`` in the float mask's own shape, accumulated tile by tile
+    (no ``N x M`` array beyond the mask itself).
 
     Parameters
     ----------
@@ -299,14 +305,14 @@ def flash_attention_backward(dout, cache: FlashCache, *, dlse=None, workers: Opt
     Derivation: derivations/05-flash-backward.md, eqs. (5.1)-(5.2) (recomputing p) and
     (5.3)-(5.6) (the loop).
     """
-    q, k, v, o, lse, mask, causal, scale, block_q, block_k, cache_workers = cache
+    if not isinstance(cache, FlashCache):
+        raise TypeError(f"cache must be the FlashCache of flash_attention_forward, got {type(cache).__name__}")
+    q, k, v, o, lse, sc = cache.q, cache.k, cache.v, cache.o, cache.lse, cache.sc
+    scale, block_q, block_k = cache.scale, cache.block_q, cache.block_k
     xp = namespace(dout=dout, q=q, dlse=dlse)
-    workers = check_workers(xp, cache_workers if workers is None else workers)
-    check_float(xp, "dout", dout)
-    if tuple(dout.shape) != tuple(o.shape):
-        raise ValueError(f"dout must have the output's shape {tuple(o.shape)}, got {tuple(dout.shape)}")
-    if dout.dtype != o.dtype:
-        raise TypeError(f"dout must have the output's dtype {o.dtype}, got {dout.dtype}")
+    workers = check_workers(xp, cache.workers if workers is None else workers)
+    check_dout(xp, dout, o.shape, o.dtype)
+    want_dmask = _check_mask_grad(xp, mask_grad, sc)
     if dlse is not None:
         check_float(xp, "dlse", dlse)
         if tuple(dlse.shape) != tuple(lse.shape):
@@ -314,12 +320,10 @@ def flash_attention_backward(dout, cache: FlashCache, *, dlse=None, workers: Opt
     if q.ndim == 2:                                   # one head: run as (1, N, D) and drop the axis
         inner = cache._replace(q=q[None, ...], k=k[None, ...], v=v[None, ...], o=o[None, ...], lse=lse[None, ...])
         grads = flash_attention_backward(dout[None, ...], inner, dlse=None if dlse is None else dlse[None, ...],
-                                         workers=workers)
-        return tuple(g[0, ...] for g in grads)
-    G = k.shape[-3]
-    R = q.shape[-3] // G
-    d, dv = q.shape[-1], v.shape[-1]
-    t = _Tiles(xp, q, k, mask, causal, block_q, block_k, G, R)
+                                         mask_grad=mask_grad, workers=workers)
+        return tuple(g[0, ...] for g in grads[:3]) + tuple(grads[3:])       # dmask is in the mask's shape
+    d = q.shape[-1]
+    t = _Tiles(xp, q, k, sc, block_q, block_k)
     ct = compute_dtype(xp, q.dtype)
     qc = to_compute(xp, q)
     kc, vc, g = to_compute(xp, k), to_compute(xp, v), to_compute(xp, dout)
@@ -339,18 +343,23 @@ def flash_attention_backward(dout, cache: FlashCache, *, dlse=None, workers: Opt
     dq5s = [t.zeros5(d, ct) for _ in shares]                               # (..., G, R, N, D) per share
     dk = xp.zeros(tuple(k.shape), dtype=ct, device=device(q))               # (..., G, M, D)
     dv_ = xp.zeros(tuple(v.shape), dtype=ct, device=device(q))              # (..., G, M, Dv)
+    # dmask in the padded mask's shape: one array shared by the workers when the mask has a key axis
+    # (each worker owns its key tiles' columns), one per worker when the mask is broadcast along keys
+    # (then it is at most (..., N, 1), and the partials are summed in a fixed order like dq's)
+    n_dmask = 0 if not want_dmask else (1 if sc.mask.shape[-1] != 1 else len(shares))
+    dmasks = [xp.zeros(tuple(sc.mask.shape), dtype=ct, device=device(q)) for _ in range(n_dmask)]
 
     def key_tiles(w, share):                          # key tiles own dk_j, dv_j; dq is shared: eq. (5.8)
         dq5 = dq5s[w]                                 # this share's partial dq
+        dmask = dmasks[min(w, len(dmasks) - 1)] if dmasks else None
         for j in share:
             cols = t.cols[j]
             k_j, v_j = kc[..., cols[0]:cols[1], :] * scale, vc[..., cols[0]:cols[1], :]  # (..., G, bk, D|Dv)
             dk_j = dv_j = None                                              # k_j carries the scale
-            for i, rows in enumerate(t.rows):
-                if not t.visible(rows, cols):
-                    continue                                                # causal hides the tile: skipped
+            for i in t.query_tiles(cols):                                   # the band's tiles only: eq. (13.4)
+                rows = t.rows[i]
                 q_i, dout_i, lse_i, delta_i = per_row[i]
-                s = t.scores_mask(q_i @ k_j.mT, rows, cols)                 # (..., G, R*bq, bk)
+                s, tanh_s = t.scores(q_i @ k_j.mT, rows, cols)              # (..., G, R*bq, bk)
                 s -= lse_i                                                  # in place: this step's own array
                 p = xp.exp(s)                                               # eq. (5.4)
                 del s                                                       # two tiles alive, not three
@@ -360,6 +369,12 @@ def flash_attention_backward(dout, cache: FlashCache, *, dlse=None, workers: Opt
                 dp *= p                                                     # in place: dp is our own array
                 ds = dp                                                     # eq. (5.6): p * (dp - delta_i)
                 del p
+                if dmask is not None:                                       # eq. (13.5): ds, summed to the mask
+                    idx = t.mask_index(rows, cols)
+                    ds5 = xp.reshape(ds, t.lead + (t.G, t.R, rows[1] - rows[0], cols[1] - cols[0]))
+                    block = mask_grad_block(xp, sc, ds5, rows)
+                    dmask[idx] = dmask[idx] + block
+                ds = softcap_backward(ds, tanh_s)                           # eq. (13.6)
                 dk_step = ds.mT @ q_i                                       # eq. (5.5); scaled below
                 dv_j = dv_step if dv_j is None else dv_j + dv_step          # (..., G, bk, Dv)
                 dk_j = dk_step if dk_j is None else dk_j + dk_step          # (..., G, bk, D)
@@ -375,4 +390,10 @@ def flash_attention_backward(dout, cache: FlashCache, *, dlse=None, workers: Opt
         dq5 += part                                   # in place: our own buffer, no N x D temporary
     dq = xp.reshape(dq5, tuple(q.shape))                                    # (..., H, N, D)
     dt = q.dtype
-    return tuple(xp.astype(a, dt, copy=False) for a in (dq, dk, dv_))
+    grads = tuple(xp.astype(a, dt, copy=False) for a in (dq, dk, dv_))
+    if want_dmask:
+        total = dmasks[0]
+        for part in dmasks[1:]:                       # per-worker partials, in a fixed order
+            total += part
+        grads += (xp.astype(xp.reshape(total, sc.mask_shape), dt, copy=False),)
+    return grads
