@@ -45,20 +45,29 @@ class BenchConfig:
     heads: int = 8
     dim: int = 64
     block: Optional[int] = None      # None: the tiled op's default tiles (default_tiling)
+    window: Optional[tuple] = None   # (left, right) of the "tiled-window" rows
     workers: Optional[int] = None    # None: the tiled op's default workers
     repeats: int = 3
     memory: bool = True
     seed: int = 0
 
 
-def _flops(n: int, m: int, d: int, dv: int, bh: int, causal: bool, passes: str) -> float:
-    visible = sum(max(0, min(m, i + m - n + 1)) for i in range(n)) if causal else n * m
+def _flops(n: int, m: int, d: int, dv: int, bh: int, causal: bool, passes: str, window=None) -> float:
+    """Useful FLOPs: 2 (D + Dv) per visible (query, key) pair and pass (x3 for fwd+bwd)."""
+    left, right = window if window is not None else (None, None)
+    visible = 0
+    for i in range(n):
+        hi = m - 1 if right is None else min(m - 1, i + m - n + right)
+        hi = min(hi, i + m - n) if causal else hi
+        lo = 0 if left is None else max(0, i + m - n - left)
+        visible += max(0, hi - lo + 1)
     per_pass = 2.0 * visible * (d + dv) * bh
     return per_pass * (3.0 if passes == "fwd+bwd" else 1.0)
 
 
-def _numpy_runner(impl, q, k, v, dout, causal, passes, block, workers):
+def _numpy_runner(impl, q, k, v, dout, causal, passes, block, workers, window=None):
     workers = 1 if impl == "tiled-1" else workers
+    window = window if impl == "tiled-window" else None
 
     def run():
         if impl == "naive":
@@ -67,7 +76,7 @@ def _numpy_runner(impl, q, k, v, dout, causal, passes, block, workers):
                 attention_backward(dout, cache)
         else:
             o, cache = flash_attention_forward(q, k, v, causal=causal, block_q=block, block_k=block,
-                                               workers=workers)
+                                               workers=workers, window=window)
             if passes == "fwd+bwd":
                 flash_attention_backward(dout, cache)
 
@@ -137,7 +146,8 @@ def run_bench(cfg: BenchConfig, progress=None) -> list[dict]:
                                 continue
                             run = _torch_runner(impl, q, k, v, dout, causal, passes)
                         else:
-                            run = _numpy_runner(impl, q, k, v, dout, causal, passes, cfg.block, cfg.workers)
+                            run = _numpy_runner(impl, q, k, v, dout, causal, passes, cfg.block, cfg.workers,
+                                                cfg.window)
                         run()                                                  # warm-up
                         times = []
                         for _ in range(cfg.repeats):
@@ -149,7 +159,8 @@ def run_bench(cfg: BenchConfig, progress=None) -> list[dict]:
                         if impl == "naive":
                             base_ms = med
                         peak = _peak_bytes(run) / 2**20 if cfg.memory and not impl.startswith("torch") else None
-                        flops = _flops(n, n, cfg.dim, cfg.dim, cfg.batch * cfg.heads, causal, passes)
+                        flops = _flops(n, n, cfg.dim, cfg.dim, cfg.batch * cfg.heads, causal, passes,
+                                       cfg.window if impl == "tiled-window" else None)
                         row = dict(impl=impl, dtype=dtype, causal=causal, n=n, passes=passes,
                                    median_ms=med, min_ms=min(times), max_ms=max(times),
                                    vs_naive=(med / base_ms) if base_ms else None,
@@ -162,7 +173,7 @@ def run_bench(cfg: BenchConfig, progress=None) -> list[dict]:
     return rows
 
 
-HEADER = (f"{'impl':<11}{'dtype':<9}{'causal':<7}{'N':>6} {'pass':<8}{'median ms':>10} {'[min - max]':>19}"
+HEADER = (f"{'impl':<13}{'dtype':<9}{'causal':<7}{'N':>6} {'pass':<8}{'median ms':>10} {'[min - max]':>19}"
           f"{'x naive':>8}{'GFLOP/s':>9}{'peak MiB':>10}")
 
 
@@ -170,7 +181,7 @@ def format_row(r: dict) -> str:
     spread = f"[{r['min_ms']:.1f} - {r['max_ms']:.1f}]"
     ratio = f"{r['vs_naive']:.2f}" if r["vs_naive"] is not None else "-"
     peak = f"{r['peak_mib']:.1f}" if r["peak_mib"] is not None else "-"
-    return (f"{r['impl']:<11}{r['dtype']:<9}{'yes' if r['causal'] else 'no':<7}{r['n']:>6} {r['passes']:<8}"
+    return (f"{r['impl']:<13}{r['dtype']:<9}{'yes' if r['causal'] else 'no':<7}{r['n']:>6} {r['passes']:<8}"
             f"{r['median_ms']:>10.1f} {spread:>19}{ratio:>8}{r['gflops']:>9.1f}{peak:>10}")
 
 

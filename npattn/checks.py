@@ -193,7 +193,46 @@ def cases(seed: int = 0) -> list[Case]:
              dict(mask=normal((5, 6)), block_q=4, block_k=4)),
         Case("flash", "dlse, causal N < M", *lse_pair, qkv((2,), 2, 1, 4, 6, 3, 2),
              dict(causal=True, block_q=3, block_k=4)),
-    ] + transformer_cases(rng)
+    ] + variant_cases(rng) + transformer_cases(rng)
+
+
+def mask_grad_pair(forward, backward, **kwargs):
+    """An attention pair whose float mask is an input (a learnable bias): backward returns dmask too."""
+    def pair_forward(q, k, v, mask):
+        return forward(q, k, v, mask=mask, **kwargs)
+
+    def pair_backward(dout, cache):
+        return backward(dout, cache, mask_grad=True)
+
+    return pair_forward, pair_backward
+
+
+def variant_cases(rng) -> list[Case]:
+    """Softcap, ALiBi, windows, top-left causal and the float-mask gradient, on both ops."""
+    normal = rng.standard_normal
+
+    def qkv():
+        return dict(q=normal((2, 4, 5, 3)), k=normal((2, 2, 7, 3)), v=normal((2, 2, 7, 2)))
+
+    slopes = np.array([0.5, 0.25, 0.125, 0.0625])
+    att, fl = (attention_forward, attention_backward), (flash_attention_forward, flash_attention_backward)
+    lse_pair = (flash_with_lse_forward, flash_with_lse_backward)
+    tiles = dict(block_q=2, block_k=3)
+    everything = dict(softcap=1.5, alibi_slopes=slopes, window=(3, 1), causal=True)
+    return [
+        Case("attention", "softcap 1.5", *att, qkv(), dict(softcap=1.5)),
+        Case("attention", "ALiBi, GQA, N < M", *att, qkv(), dict(alibi_slopes=slopes)),
+        Case("attention", "window (2, 1)", *att, qkv(), dict(window=(2, 1))),
+        Case("attention", "top-left causal", *att, qkv(), dict(causal="top-left")),
+        Case("attention", "all variants + dropout", *att, qkv(), dict(everything, dropout_p=0.2, rng=3)),
+        Case("attention", "dmask (H, 1, M) + variants", *mask_grad_pair(*att, **everything),
+             dict(qkv(), mask=normal((4, 1, 7))), {}),
+        Case("flash", "softcap, ragged tiles", *fl, qkv(), dict(softcap=1.5, **tiles)),
+        Case("flash", "ALiBi + window, tiles skipped", *fl, qkv(), dict(alibi_slopes=slopes, window=(1, 1), **tiles)),
+        Case("flash", "all variants + dlse", *lse_pair, qkv(), dict(everything, **tiles)),
+        Case("flash", "dmask (N, M) + variants", *mask_grad_pair(*fl, **everything, **tiles),
+             dict(qkv(), mask=normal((5, 7))), {}),
+    ]
 
 
 def transformer_cases(rng) -> list[Case]:

@@ -57,10 +57,13 @@ def bench(args) -> int:
     if args.suite == "layers":
         return bench_layers(args)
 
+    if "tiled-window" in args.impl and args.window is None:
+        print("--impl tiled-window needs --window LEFT RIGHT", file=sys.stderr)
+        return 2
     cfg = BenchConfig(lengths=args.n, dtypes=args.dtype, causal=args.causal, passes=args.passes,
                       impls=args.impl, batch=args.batch, heads=args.heads, dim=args.dim,
-                      block=args.block, workers=args.workers, repeats=args.repeats, memory=not args.no_memory,
-                      seed=args.seed)
+                      block=args.block, workers=args.workers, window=tuple(args.window) if args.window else None,
+                      repeats=args.repeats, memory=not args.no_memory, seed=args.seed)
     print(f"npattn bench: B={cfg.batch} H={cfg.heads} D=Dv={cfg.dim} N=M in {cfg.lengths}, "
           f"tiles {cfg.block or 'default'}, tiled on {cfg.workers or 'default'} workers; {machine()}; "
           f"median of {cfg.repeats}" + ("" if torch_available() else " (torch not installed: no torch rows)"),
@@ -111,7 +114,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--causal", type=truth, nargs="+", default=d.causal, help="yes and/or no")
     b.add_argument("--passes", nargs="+", default=d.passes, choices=["fwd", "fwd+bwd"])
     b.add_argument("--impl", nargs="+", default=d.impls,
-                   choices=["naive", "tiled", "tiled-1", "torch", "torch-math"])
+                   choices=["naive", "tiled", "tiled-1", "tiled-window", "torch", "torch-math"])
+    b.add_argument("--window", type=int, nargs=2, metavar=("LEFT", "RIGHT"), default=None,
+                   help="the window of the 'tiled-window' rows (e.g. 255 0 with --causal yes: Mistral's)")
     b.add_argument("--batch", type=int, default=d.batch)
     b.add_argument("--heads", type=int, default=d.heads)
     b.add_argument("--dim", type=int, default=d.dim)

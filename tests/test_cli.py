@@ -18,7 +18,7 @@ def test_check_runs_every_case_and_passes(capsys):
     out = capsys.readouterr().out
     for op in ("linear", "softmax", "attention", "flash"):
         assert f"\n{op} " in out
-    assert "FAIL" not in out and "all 38 cases passed" in out
+    assert "FAIL" not in out and "all 48 cases passed" in out
     assert "worst relative error per op" in out
 
 
@@ -34,7 +34,7 @@ def test_check_filter_and_module_entry_point():
     done = subprocess.run([sys.executable, "-m", "npattn", "check", "-k", "flash"],
                           capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr
-    assert "all 5 cases passed" in done.stdout and "\nlinear" not in done.stdout
+    assert "all 9 cases passed" in done.stdout and "\nlinear" not in done.stdout
 
 
 def test_bench_prints_rows_and_json(tmp_path, capsys):
@@ -93,3 +93,16 @@ def test_bench_layers_suite_rows(monkeypatch, tmp_path, capsys):
         if r["impl"] == "npattn" and r["vs"] is not None:
             partner = next(t for t in timed if t["bench"] == r["bench"] and t["impl"] != "npattn")
             assert r["vs"] == pytest.approx(r["median_ms"] / partner["median_ms"])
+
+
+def test_bench_window_rows_count_only_the_band(tmp_path, capsys):
+    path = tmp_path / "window.json"
+    assert main(["bench", "--n", "64", "--dtype", "float32", "--causal", "yes", "--passes", "fwd", "--repeats", "1",
+                 "--impl", "tiled", "tiled-window", "--window", "7", "0", "--block", "16", "--no-memory",
+                 "--json", str(path)]) == 0
+    rows = {r["impl"]: r for r in json.loads(path.read_text())["rows"]}
+    # useful FLOPs per head and pass: 2 (D + Dv) per visible pair; a window of 8 keys sees 8 * 64 - 28 pairs
+    assert rows["tiled-window"]["gflops"] * rows["tiled-window"]["median_ms"] * 1e6 == pytest.approx(
+        2 * 128 * (8 * 64 - 28) * 8)
+    assert rows["tiled"]["gflops"] * rows["tiled"]["median_ms"] * 1e6 == pytest.approx(2 * 128 * (64 * 65 // 2) * 8)
+    assert main(["bench", "--impl", "tiled-window"]) == 2                 # needs --window

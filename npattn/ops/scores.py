@@ -76,6 +76,8 @@ class Scores(NamedTuple):
         """The mask's block for rows/cols as ``(..., G|1, R|1, bq|1, bk|1)`` (broadcast axes kept 1)."""
         (i0, i1), (j0, j1) = rows, cols
         mt = self.mask
+        if mt.ndim < 3:                                                    # 2-D inputs: one head
+            mt = xp.reshape(mt, (1,) * (3 - mt.ndim) + tuple(mt.shape))
         mt = mt[..., i0:i1, :] if mt.shape[-2] != 1 else mt
         mt = mt[..., j0:j1] if mt.shape[-1] != 1 else mt
         heads = (self.G, self.R) if mt.shape[-3] != 1 else (1, 1)
