@@ -1,4 +1,5 @@
-"""Command line: ``npattn check`` and ``npattn bench``; each command is a small function over the library."""
+"""Command line: ``npattn check``, ``npattn bench`` and ``npattn demo``; each command is a small
+function over the library."""
 
 from __future__ import annotations
 
@@ -76,6 +77,19 @@ def bench(args) -> int:
     return 0
 
 
+def demo(args) -> int:
+    """Train a small GPT by hand on a toy task, decode with the KV cache, optionally draw pictures."""
+    from .demo import DemoConfig, run_demo
+
+    if args.plot:
+        from .plots import require_matplotlib
+
+        require_matplotlib()                          # fail before training, naming the extra
+    cfg = DemoConfig(task=args.task, steps=args.steps, seed=args.seed, dtype=args.dtype, length=args.length)
+    metrics = run_demo(cfg, plot_dir=args.plot, json_path=args.json)
+    return 0 if metrics["held_out_token_acc"] >= 0.99 or args.steps < DemoConfig().steps else 1
+
+
 def bench_layers(args) -> int:
     from .bench import LAYERS_HEADER, LayersConfig, format_layers_row, machine, run_layers_bench, write_json
 
@@ -129,12 +143,28 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--json", help="also write the rows to this JSON file")
     b.set_defaults(func=bench)
+    from .demo import TASKS, DemoConfig
+
+    dm = DemoConfig()
+    m = sub.add_parser("demo", help="train a small GPT with the hand-derived backward on a toy task, then decode")
+    m.add_argument("--task", choices=TASKS, default=dm.task)
+    m.add_argument("--steps", type=int, default=dm.steps)
+    m.add_argument("--length", type=int, default=dm.length, help="digits per input")
+    m.add_argument("--seed", type=int, default=dm.seed)
+    m.add_argument("--dtype", choices=["float32", "float64"], default=dm.dtype)
+    m.add_argument("--json", help="write the loss curve and final metrics to this file")
+    m.add_argument("--plot", metavar="DIR", help="write PNG pictures to DIR (needs matplotlib)")
+    m.set_defaults(func=demo)
     return parser
 
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except ModuleNotFoundError as err:                # an optional extra is missing: say which
+        print(f"npattn {args.command}: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

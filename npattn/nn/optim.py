@@ -69,7 +69,7 @@ class SGD:
                 buf = g if buf is None else self.momentum * buf + g
                 self.state[name] = buf
                 g = buf
-            self.params[name] = p - self.lr * g
+            self.params[name] = p - float(self.lr) * g
 
 
 class AdamW:
@@ -89,6 +89,7 @@ class AdamW:
     def step(self, grads):
         _check_grads(self.params, grads)
         b1, b2 = self.betas
+        lr = float(self.lr)                              # a Python float keeps float32 weights float32
         for name, g in grads.items():
             if g is None:
                 continue
@@ -96,12 +97,12 @@ class AdamW:
             xp = namespace(p=p, g=g)
             t, m, v = self.state.get(name, (0, xp.zeros_like(p), xp.zeros_like(p)))
             t += 1
-            p = p * (1.0 - self.lr * self.weight_decay)                     # decoupled decay
+            p = p * (1.0 - lr * self.weight_decay)                          # decoupled decay
             m = b1 * m + (1.0 - b1) * g
             v = b2 * v + (1.0 - b2) * (g * g)
             bias1, bias2 = 1.0 - b1 ** t, 1.0 - b2 ** t
             denom = xp.sqrt(v) / math.sqrt(bias2) + self.eps
-            self.params[name] = p - (self.lr / bias1) * (m / denom)
+            self.params[name] = p - (lr / bias1) * (m / denom)
             self.state[name] = (t, m, v)
 
 
