@@ -90,6 +90,17 @@ def demo(args) -> int:
     return 0 if metrics["held_out_token_acc"] >= 0.99 or args.steps < DemoConfig().steps else 1
 
 
+def golden(args) -> int:
+    """Write float64 golden cases (.npz) and their index for a kernel's own CI."""
+    from .testing import write_golden
+
+    index = write_golden(args.out, dtype=args.dtype, seed=args.seed)
+    for entry in index:
+        print(f"{entry['file']}  {entry['case']}")
+    print(f"wrote {len(index)} cases and index.json to {args.out} (inputs rounded to {args.dtype}; answers float64)")
+    return 0
+
+
 def bench_layers(args) -> int:
     from .bench import LAYERS_HEADER, LayersConfig, format_layers_row, machine, run_layers_bench, write_json
 
@@ -155,6 +166,13 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--json", help="write the loss curve and final metrics to this file")
     m.add_argument("--plot", metavar="DIR", help="write PNG pictures to DIR (needs matplotlib)")
     m.set_defaults(func=demo)
+
+    gl = sub.add_parser("golden", help="write float64 reference cases (.npz + index.json) for a kernel's CI")
+    gl.add_argument("--out", required=True, help="directory to write to")
+    gl.add_argument("--dtype", choices=["float64", "float32", "float16"], default="float32",
+                    help="the dtype the inputs are rounded to (the answers are float64)")
+    gl.add_argument("--seed", type=int, default=0)
+    gl.set_defaults(func=golden)
     return parser
 
 
