@@ -1,7 +1,7 @@
 """npattn: Transformer attention in plain array code, with hand-derived, finite-difference-checked
 backward passes. The public names are those of docs in README.md and derivations/."""
 
-from . import testing
+from . import testing  # noqa: F401  (npattn.testing: the kernel-author toolkit)
 from .backend import to_numpy
 from .gradcheck import GradcheckReport, GradcheckRow, gradcheck
 from .nn import GPT, SGD, AdamW, GPTConfig, KVCache, MultiHeadAttention, TransformerBlock, clip_grad_norm

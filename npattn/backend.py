@@ -31,6 +31,7 @@ __all__ = [
     "namespace",
     "check_float",
     "check_int",
+    "float_namespace",
     "check_last_dim",
     "check_same_dtype",
     "check_dout",
@@ -78,6 +79,17 @@ def check_float(xp, name: str, x) -> None:
     """Reject integer, bool and complex data: ops are defined on real floating arrays."""
     if not xp.isdtype(x.dtype, "real floating"):
         raise TypeError(f"{name} must be a real floating array, got dtype {x.dtype}")
+
+
+def float_namespace(**arrays):
+    """The namespace of the named arrays (None skipped), after checking that each is real floating
+    and that they share one dtype: the first lines of every op with weights."""
+    xp = namespace(**arrays)
+    for name, a in arrays.items():
+        if a is not None:
+            check_float(xp, name, a)
+    check_same_dtype(**arrays)
+    return xp
 
 
 def check_int(xp, name: str, x) -> None:

@@ -27,7 +27,7 @@ import math
 import numbers
 from typing import NamedTuple
 
-from ..backend import check_dout, check_float, check_last_dim, check_same_dtype, namespace, to_compute
+from ..backend import check_dout, check_last_dim, float_namespace, namespace, to_compute
 
 __all__ = ["layernorm_forward", "layernorm_backward", "LayerNormCache",
            "rmsnorm_forward", "rmsnorm_backward", "RMSNormCache"]
@@ -54,11 +54,7 @@ class RMSNormCache(NamedTuple):
 
 
 def _check_norm_inputs(x, gamma, beta, eps):
-    xp = namespace(x=x, gamma=gamma, beta=beta)
-    for name, a in (("x", x), ("gamma", gamma), ("beta", beta)):
-        if a is not None:
-            check_float(xp, name, a)
-    check_same_dtype(x=x, gamma=gamma, beta=beta)
+    xp = float_namespace(x=x, gamma=gamma, beta=beta)
     if x.ndim < 1:
         raise ValueError(f"x must have at least 1 axis (..., E), got shape {tuple(x.shape)}")
     e = x.shape[-1]

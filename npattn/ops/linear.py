@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from ..backend import check_float, check_same_dtype, namespace, to_compute
+from ..backend import check_float, float_namespace, namespace, to_compute
 
 __all__ = ["linear_forward", "linear_backward", "LinearCache"]
 
@@ -45,11 +45,7 @@ def linear_forward(x, w, b=None):
 
     Derivation: derivations/01-linear.md, eq. (1.1).
     """
-    xp = namespace(x=x, w=w, b=b)
-    for name, a in (("x", x), ("w", w), ("b", b)):
-        if a is not None:
-            check_float(xp, name, a)
-    check_same_dtype(x=x, w=w, b=b)
+    xp = float_namespace(x=x, w=w, b=b)
     if x.ndim < 1:
         raise ValueError(f"x must have at least 1 axis (..., E_in), got shape {tuple(x.shape)}")
     if w.ndim != 2:
