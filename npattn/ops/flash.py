@@ -25,13 +25,14 @@ Forward for query tile i (derivations/04-online-softmax.md):
 Backward (derivations/05-flash-backward.md):
     delta = rowsum(dout * o) - dlse                       eqs. (5.3), (5.6)
     for each key tile j, for each query tile i that can see it:
-        p    = exp(scores(q_i, k_j) - lse_i)              eq. (5.4)
+        p    = exp(scores(q_i, k_j) - m_i) / l_i          eq. (5.4) (= exp(s - lse_i), without lse's rounding)
         dv_j += p^T dout_i                                eq. (5.5)
         dp   = dout_i v_j^T                               eq. (5.5)
         ds   = p * (dp - delta_i)                         eq. (5.6)
         dmask_ij += ds (summed to the mask's block),  ds *= 1 - tanh^2 (softcap)   eqs. (13.5)-(13.6)
         dq_i += scale * ds k_j,  dk_j += scale * ds^T q_i eq. (5.5)
-    (the backward scales each key tile, k_j * scale, instead of all of q: no N x D copy)
+    (the backward scales each query tile exactly as the forward did, so the recomputed scores are
+    bitwise the forward's and p <= 1; dq gets its scale once at the end)
 """
 
 from __future__ import annotations
@@ -76,6 +77,8 @@ class FlashCache(NamedTuple):
     block_k: int
     workers: int = 1  # the backward's default: threads for its outer (key tile) loop
     sc: object = None  # the score pipeline (ops/scores.py): mask, band, ALiBi, softcap
+    shift: object = None  # (..., H, N) the row max m the forward subtracted (0 for rows that see no key)
+    inv_l: object = None  # (..., H, N) 1 / l (0 for rows that see no key): p = exp(s - shift) * inv_l
 
 
 class FlashTile(NamedTuple):
@@ -232,7 +235,8 @@ def flash_attention_forward(q, k, v, *, mask=None, causal=False, scale=None, sof
         o, cache = flash_attention_forward(q[None, ...], k[None, ...], v[None, ...], mask=mask, causal=causal,
                                            scale=scale, softcap=softcap, alibi_slopes=alibi_slopes, window=window,
                                            block_q=block_q, block_k=block_k, on_tile=on_tile, workers=workers)
-        return o[0, ...], cache._replace(q=q, k=k, v=v, o=o[0, ...], lse=cache.lse[0, ...])
+        return o[0, ...], cache._replace(q=q, k=k, v=v, o=o[0, ...], lse=cache.lse[0, ...],
+                                         shift=cache.shift[0, ...], inv_l=cache.inv_l[0, ...])
     sc = make_scores(xp, q, k, mask=mask, causal=causal, scale=scale, softcap=softcap, alibi_slopes=alibi_slopes,
                      window=window, G=G, R=R)
     scale, mask, dv = sc.scale, sc.mask, v.shape[-1]
@@ -243,6 +247,7 @@ def flash_attention_forward(q, k, v, *, mask=None, causal=False, scale=None, sof
     q5 = t.grouped(qc)                                                      # (..., G, R, N, D)
 
     o5, lse5 = t.zeros5(dv, zero.dtype), t.zeros5(1, zero.dtype)          # (..., G, R, N, Dv|1)
+    shift5, inv_l5 = t.zeros5(1, zero.dtype), t.zeros5(1, zero.dtype)    # (..., G, R, N, 1): m and 1/l
 
     def query_tiles(w, share):                        # query tiles are independent: eq. (4.11)
         for i in share:
@@ -274,14 +279,17 @@ def flash_attention_forward(q, k, v, *, mask=None, causal=False, scale=None, sof
             # eq. (4.10); l_i == 0 exactly when the row saw no key: o = 0, lse = -inf
             empty = l_i == 0
             safe_l = xp.where(empty, xp.ones_like(l_i), l_i)
-            o5[..., rows[0]:rows[1], :] = t.unsplit(acc * xp.where(empty, zero, 1.0 / safe_l), rows)
+            inv_l = xp.where(empty, zero, 1.0 / safe_l)
+            o5[..., rows[0]:rows[1], :] = t.unsplit(acc * inv_l, rows)
             lse5[..., rows[0]:rows[1], :] = t.unsplit(xp.where(empty, t.neg_inf, m_i + xp.log(safe_l)), rows)
+            shift5[..., rows[0]:rows[1], :] = t.unsplit(xp.where(m_i == -xp.inf, zero, m_i), rows)
+            inv_l5[..., rows[0]:rows[1], :] = t.unsplit(inv_l, rows)
 
     run_grid(query_tiles, _shares(len(t.rows), workers))
     o = xp.astype(xp.reshape(o5, tuple(q.shape[:-1]) + (dv,)), q.dtype, copy=False)   # (..., H, N, Dv)
-    lse = xp.reshape(lse5, tuple(q.shape[:-1]))                             # (..., H, N)
+    lse, shift, inv_l = (xp.reshape(a, tuple(q.shape[:-1])) for a in (lse5, shift5, inv_l5))   # (..., H, N)
     return o, FlashCache(q=q, k=k, v=v, o=o, lse=lse, mask=mask, causal=causal, scale=scale,
-                         block_q=block_q, block_k=block_k, workers=workers, sc=sc)
+                         block_q=block_q, block_k=block_k, workers=workers, sc=sc, shift=shift, inv_l=inv_l)
 
 
 def flash_attention_backward(dout, cache: FlashCache, *, dlse=None, mask_grad: bool = False,
@@ -318,7 +326,8 @@ def flash_attention_backward(dout, cache: FlashCache, *, dlse=None, mask_grad: b
         if tuple(dlse.shape) != tuple(lse.shape):
             raise ValueError(f"dlse must have lse's shape {tuple(lse.shape)}, got {tuple(dlse.shape)}")
     if q.ndim == 2:                                   # one head: run as (1, N, D) and drop the axis
-        inner = cache._replace(q=q[None, ...], k=k[None, ...], v=v[None, ...], o=o[None, ...], lse=lse[None, ...])
+        inner = cache._replace(q=q[None, ...], k=k[None, ...], v=v[None, ...], o=o[None, ...], lse=lse[None, ...],
+                               shift=cache.shift[None, ...], inv_l=cache.inv_l[None, ...])
         grads = flash_attention_backward(dout[None, ...], inner, dlse=None if dlse is None else dlse[None, ...],
                                          mask_grad=mask_grad, workers=workers)
         return tuple(g[0, ...] for g in grads[:3]) + tuple(grads[3:])       # dmask is in the mask's shape
@@ -332,11 +341,12 @@ def flash_attention_backward(dout, cache: FlashCache, *, dlse=None, mask_grad: b
     delta = xp.sum(g * to_compute(xp, o), axis=-1, keepdims=True)          # (..., H, N, 1)
     if dlse is not None:
         delta = delta - xp.astype(dlse, ct)[..., None]
-    # a row that saw no key has lse = -inf and every s = -inf: subtract 0 so p = exp(-inf) = 0
-    lse_safe = xp.where(lse == -xp.inf, xp.zeros_like(lse), lse)[..., None]   # (..., H, N, 1)
-    q5, g5, lse_safe5, delta5 = (t.grouped(a) for a in (qc, g, lse_safe, delta))   # (..., G, R, N, C)
-    per_row = [(t.split(q5, rows), t.split(g5, rows), t.split(lse_safe5, rows), t.split(delta5, rows))
-               for rows in t.rows]                    # q-side tiles, sliced once (views when R == 1)
+    # eq. (5.4) as exp(s - m) / l with the forward's own m and 1/l: the same p, without lse = m + log l,
+    # which loses |m| eps in float32 at large scores; a row that saw no key has m = 0 and 1/l = 0: p = 0
+    shift5, inv_l5 = (t.grouped(a[..., None]) for a in (cache.shift, cache.inv_l))   # (..., G, R, N, 1)
+    q5, g5, delta5 = (t.grouped(a) for a in (qc, g, delta))                          # (..., G, R, N, C)
+    per_row = [(t.split(q5, rows), t.split(g5, rows), t.split(shift5, rows), t.split(inv_l5, rows),
+                t.split(delta5, rows)) for rows in t.rows]   # q-side tiles, sliced once (views when R == 1)
 
     # outputs written tile by tile; rows and keys no tile reaches keep their gradient 0
     shares = _shares(len(t.cols), workers)
@@ -354,14 +364,16 @@ def flash_attention_backward(dout, cache: FlashCache, *, dlse=None, mask_grad: b
         dmask = dmasks[min(w, len(dmasks) - 1)] if dmasks else None
         for j in share:
             cols = t.cols[j]
-            k_j, v_j = kc[..., cols[0]:cols[1], :] * scale, vc[..., cols[0]:cols[1], :]  # (..., G, bk, D|Dv)
-            dk_j = dv_j = None                                              # k_j carries the scale
+            k_j, v_j = kc[..., cols[0]:cols[1], :], vc[..., cols[0]:cols[1], :]  # (..., G, bk, D|Dv)
+            dk_j = dv_j = None
             for i in t.query_tiles(cols):                                   # the band's tiles only: eq. (13.4)
                 rows = t.rows[i]
-                q_i, dout_i, lse_i, delta_i = per_row[i]
-                s, tanh_s = t.scores(q_i @ k_j.mT, rows, cols)              # (..., G, R*bq, bk)
-                s -= lse_i                                                  # in place: this step's own array
-                p = xp.exp(s)                                               # eq. (5.4)
+                q_i, dout_i, m_i, inv_l_i, delta_i = per_row[i]
+                q_s = q_i * scale                                           # the forward's scaled tile, bitwise
+                s, tanh_s = t.scores(q_s @ k_j.mT, rows, cols)              # (..., G, R*bq, bk)
+                s -= m_i                                                    # in place: this step's own array
+                p = xp.exp(s)                                               # eq. (5.4): exp(s - m) / l
+                p *= inv_l_i
                 del s                                                       # two tiles alive, not three
                 dv_step = p.mT @ dout_i                                     # eq. (5.5)
                 dp = dout_i @ v_j.mT                                        # (..., G, R*bq, bk)    eq. (5.5)
@@ -375,19 +387,20 @@ def flash_attention_backward(dout, cache: FlashCache, *, dlse=None, mask_grad: b
                     block = mask_grad_block(xp, sc, ds5, rows)
                     dmask[idx] = dmask[idx] + block
                 ds = softcap_backward(ds, tanh_s)                           # eq. (13.6)
-                dk_step = ds.mT @ q_i                                       # eq. (5.5); scaled below
+                dk_step = ds.mT @ q_s                                       # eq. (5.5); q_s carries the scale
                 dv_j = dv_step if dv_j is None else dv_j + dv_step          # (..., G, bk, Dv)
                 dk_j = dk_step if dk_j is None else dk_j + dk_step          # (..., G, bk, D)
                 dq_i = dq5[..., rows[0]:rows[1], :]
                 dq5[..., rows[0]:rows[1], :] = dq_i + t.unsplit(ds @ k_j, rows)   # (..., G, R, bq, D)
             if dk_j is not None:
-                dk[..., cols[0]:cols[1], :] = dk_j * scale
+                dk[..., cols[0]:cols[1], :] = dk_j
                 dv_[..., cols[0]:cols[1], :] = dv_j
 
     run_grid(key_tiles, shares)
     dq5 = dq5s[0]
     for part in dq5s[1:]:                             # eq. (5.8): the shares' dq, summed in a fixed order
         dq5 += part                                   # in place: our own buffer, no N x D temporary
+    dq5 *= scale                                      # eq. (5.5): dq = scale * sum of ds k_j
     dq = xp.reshape(dq5, tuple(q.shape))                                    # (..., H, N, D)
     dt = q.dtype
     grads = tuple(xp.astype(a, dt, copy=False) for a in (dq, dk, dv_))
