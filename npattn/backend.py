@@ -31,6 +31,7 @@ __all__ = [
     "namespace",
     "check_float",
     "check_int",
+    "check_cache",
     "float_namespace",
     "check_last_dim",
     "check_same_dtype",
@@ -76,9 +77,20 @@ def namespace(**arrays):
 
 
 def check_float(xp, name: str, x) -> None:
-    """Reject integer, bool and complex data: ops are defined on real floating arrays."""
-    if not xp.isdtype(x.dtype, "real floating"):
+    """Reject integer, bool and complex data, and dtypes the array library does not know (e.g.
+    ml_dtypes' bfloat16 in a NumPy array): ops are defined on real floating arrays."""
+    try:
+        ok = xp.isdtype(x.dtype, "real floating")
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
         raise TypeError(f"{name} must be a real floating array, got dtype {x.dtype}")
+
+
+def check_cache(cache, cls, forward: str) -> None:
+    """A backward must get its own forward's cache; anything else is named, not unpacked."""
+    if not isinstance(cache, cls):
+        raise TypeError(f"cache must be the {cls.__name__} returned by {forward}, got {type(cache).__name__}")
 
 
 def float_namespace(**arrays):
@@ -140,6 +152,8 @@ def check_scale(scale, d: int) -> float:
     """``scale`` or its default ``1/sqrt(D)``, which keeps Var(scores) at 1 whatever D is
     (derivations/03-attention.md, eq. (3.12)); must be a finite real number."""
     if scale is None:
+        if d < 1:
+            raise ValueError(f"the default scale 1/sqrt(D) needs a head dim D >= 1, got D = {d}")
         return 1.0 / math.sqrt(d)
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
         raise TypeError(f"scale must be a finite real number or None, got {scale!r}")
@@ -272,6 +286,8 @@ def host_rng(rng) -> np.random.Generator:
     every array library; they are then moved to the inputs' library with ``from_numpy``.
     """
     if rng is None or (isinstance(rng, numbers.Integral) and not isinstance(rng, bool)):
+        if rng is not None and rng < 0:
+            raise ValueError(f"rng must be a non-negative int seed, a numpy.random.Generator or None, got {rng}")
         return np.random.default_rng(rng)
     if isinstance(rng, np.random.Generator):
         return rng

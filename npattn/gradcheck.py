@@ -12,6 +12,8 @@ truncation error is O(eps^2) (eq. (0.2)).
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -95,14 +97,27 @@ def gradcheck(forward, backward, inputs, *, kwargs=None, eps=1e-6, rtol=1e-6, at
     """
     if mode not in ("full", "directional"):
         raise ValueError(f"mode must be 'full' or 'directional', got {mode!r}")
-    if not eps > 0:
-        raise ValueError(f"eps must be > 0, got {eps}")
+    for name, value, low in (("eps", eps, "> 0"), ("rtol", rtol, ">= 0"), ("atol", atol, ">= 0")):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+            raise TypeError(f"{name} must be a finite real number {low}, got {value!r}")
+        if value < 0 or (name == "eps" and value == 0):
+            raise ValueError(f"{name} must be {low}, got {value}")
+    for name, value, low in (("seed", seed, 0), ("directions", directions, 1)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"{name} must be an int, got {value!r}")
+        if value < low:
+            raise ValueError(f"{name} must be >= {low}, got {value}")
     kwargs = dict(kwargs or {})
+    if kwargs.get("dropout_p", 0) and isinstance(kwargs.get("rng"), np.random.Generator):
+        raise ValueError("rng is a numpy.random.Generator, which draws a new dropout mask on every call, so "
+                         "the finite differences would compare different functions: pass an int seed")
     if isinstance(inputs, dict):
         names, arrays = list(inputs), list(inputs.values())
     else:
         arrays = list(inputs)
         names = [f"arg{i}" for i in range(len(arrays))]
+    if not any(a is not None for a in arrays):
+        raise ValueError(f"inputs must hold at least one array, got {inputs!r}")
     xp = namespace(**{name: a for name, a in zip(names, arrays)})
     rng = np.random.default_rng(seed)
     like = next(a for a in arrays if a is not None)

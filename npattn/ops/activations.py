@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
-from ..backend import check_dout, check_float, namespace, to_compute
+from ..backend import check_cache, check_dout, check_float, namespace, to_compute
 
 __all__ = ["erf", "relu_forward", "relu_backward", "silu_forward", "silu_backward",
            "gelu_forward", "gelu_backward", "ActivationCache"]
@@ -87,6 +87,7 @@ def _finish(xp, y, x, kind):
 
 def _derivative(dout, cache: ActivationCache, kind: str):
     """``(xp, dout, x)`` in the compute dtype, after checking ``dout`` and the cache's kind."""
+    check_cache(cache, ActivationCache, f"{kind.split('_')[0]}_forward")
     if cache.kind != kind:
         raise TypeError(f"cache is from {cache.kind!r}, not {kind!r}: pass it to its own backward")
     xp = namespace(dout=dout, x=cache.x)
@@ -140,7 +141,7 @@ def gelu_forward(x, *, approximate: str = "none"):
 def gelu_backward(dout, cache: ActivationCache):
     """``dx = dout * f'(x)`` for either GELU form. Derivation: derivations/08-activations.md,
     eqs. (8.4)-(8.5)."""
-    kind = cache.kind if cache.kind in ("gelu_none", "gelu_tanh") else "gelu_none"
+    kind = getattr(cache, "kind", None) if getattr(cache, "kind", None) in ("gelu_none", "gelu_tanh") else "gelu_none"
     xp, g, xc = _derivative(dout, cache, kind)
     if kind == "gelu_tanh":
         t = _tanh_u(xp, xc)

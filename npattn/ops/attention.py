@@ -29,9 +29,11 @@ Backward, the same steps in reverse:
 from __future__ import annotations
 
 import math
+import numbers
 from typing import NamedTuple, Optional
 
 from ..backend import (
+    check_cache,
     check_dout,
     check_float,
     check_same_dtype,
@@ -89,6 +91,8 @@ def check_qkv(xp, q, k, v):
     if not (q.shape[:-3] == k.shape[:-3] == v.shape[:-3]):
         raise ValueError(f"q, k, v must have equal leading (batch) dims, got {shapes}")
     h, g = q.shape[-3], k.shape[-3]
+    if g == 0 or h == 0:
+        raise ValueError(f"q and k must have at least one head (H >= 1, G >= 1), got {shapes}")
     if v.shape[-3] != g:
         raise ValueError(f"k and v must have the same number of heads G (axis -3), got {shapes}")
     if g > h or h % g != 0:
@@ -108,7 +112,7 @@ def causal_allowed(xp, rows, cols, n: int, m: int, like, causal=True):
 
 
 def _check_dropout(dropout_p):
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
         raise TypeError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
@@ -317,8 +321,7 @@ def attention_backward(dout, cache: AttentionCache, *, mask_grad: bool = False, 
     group. ``workers`` defaults to the forward's. Derivation: derivations/03-attention.md,
     eqs. (3.7)-(3.11); the variants' terms: derivations/13-variants.md, eqs. (13.5)-(13.6).
     """
-    if not isinstance(cache, AttentionCache):
-        raise TypeError(f"cache must be the AttentionCache of attention_forward, got {type(cache).__name__}")
+    check_cache(cache, AttentionCache, "attention_forward")
     q, k, v, p, keep, scale, dropout_p, cache_workers, t, sc = cache
     xp = namespace(dout=dout, q=q)
     check_dout(xp, dout, tuple(q.shape[:-1]) + (v.shape[-1],), q.dtype)

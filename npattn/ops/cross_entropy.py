@@ -19,7 +19,7 @@ import math
 import numbers
 from typing import NamedTuple
 
-from ..backend import check_float, compute_dtype, device, namespace, to_compute
+from ..backend import check_cache, check_float, compute_dtype, device, namespace, to_compute
 from .softmax import _stable_log_softmax
 
 __all__ = ["cross_entropy_forward", "cross_entropy_backward", "CrossEntropyCache"]
@@ -112,6 +112,7 @@ def cross_entropy_backward(dloss, cache: CrossEntropyCache):
 
     ``dloss`` is a float or a 0-d array. Derivation: derivations/10-cross-entropy.md, eq. (10.5).
     """
+    check_cache(cache, CrossEntropyCache, "cross_entropy_forward")
     logp, q, counted, count, dtype = cache
     xp = namespace(logp=logp)
     if isinstance(dloss, bool) or not (isinstance(dloss, numbers.Real) or

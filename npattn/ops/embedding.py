@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..backend import check_dout, check_float, check_int, device, namespace
+from ..backend import check_cache, check_dout, check_float, check_int, device, namespace
 
 __all__ = ["embedding_forward", "embedding_backward", "EmbeddingCache", "sinusoidal_positions"]
 
@@ -76,6 +76,7 @@ def embedding_backward(dout, cache: EmbeddingCache):
 
     Derivation: derivations/09-embeddings-positions.md, eq. (9.2).
     """
+    check_cache(cache, EmbeddingCache, "embedding_forward")
     ids, (vocab, e), dtype, like = cache
     xp = namespace(dout=dout, weight=like)
     check_dout(xp, dout, tuple(ids.shape) + (e,), dtype)

@@ -41,6 +41,7 @@ from typing import Callable, NamedTuple, Optional
 
 from ..backend import (
     check_block,
+    check_cache,
     check_float,
     check_dout,
     check_workers,
@@ -272,7 +273,8 @@ def flash_attention_forward(q, k, v, *, mask=None, causal=False, scale=None, sof
                     acc = alpha * acc + p @ v_j                             # (..., G, R*bq, Dv)   eq. (4.9)
                 m_i = m_new
                 if on_tile is not None:
-                    on_tile(FlashTile(i, j, *(t.heads(x, rows) for x in (m_i, l_i, alpha))))
+                    on_tile(FlashTile(i, j, *(xp.asarray(t.heads(x, rows), copy=True)   # copies: the
+                                              for x in (m_i, l_i, alpha))))                # loop's state is not the callback's
             if m_i is None:                                                 # the band hid every key tile:
                 lse5[..., rows[0]:rows[1], :] = t.neg_inf                   # o stays 0, lse = -inf
                 continue
@@ -313,8 +315,7 @@ def flash_attention_backward(dout, cache: FlashCache, *, dlse=None, mask_grad: b
     Derivation: derivations/05-flash-backward.md, eqs. (5.1)-(5.2) (recomputing p) and
     (5.3)-(5.6) (the loop).
     """
-    if not isinstance(cache, FlashCache):
-        raise TypeError(f"cache must be the FlashCache of flash_attention_forward, got {type(cache).__name__}")
+    check_cache(cache, FlashCache, "flash_attention_forward")
     q, k, v, o, lse, sc = cache.q, cache.k, cache.v, cache.o, cache.lse, cache.sc
     scale, block_q, block_k = cache.scale, cache.block_q, cache.block_k
     xp = namespace(dout=dout, q=q, dlse=dlse)
@@ -325,6 +326,8 @@ def flash_attention_backward(dout, cache: FlashCache, *, dlse=None, mask_grad: b
         check_float(xp, "dlse", dlse)
         if tuple(dlse.shape) != tuple(lse.shape):
             raise ValueError(f"dlse must have lse's shape {tuple(lse.shape)}, got {tuple(dlse.shape)}")
+        if dlse.dtype != lse.dtype:
+            raise TypeError(f"dlse must have lse's dtype {lse.dtype}, got {dlse.dtype} (npattn never casts silently)")
     if q.ndim == 2:                                   # one head: run as (1, N, D) and drop the axis
         inner = cache._replace(q=q[None, ...], k=k[None, ...], v=v[None, ...], o=o[None, ...], lse=lse[None, ...],
                                shift=cache.shift[None, ...], inv_l=cache.inv_l[None, ...])

@@ -27,7 +27,7 @@ import math
 import numbers
 from typing import NamedTuple
 
-from ..backend import check_dout, check_last_dim, float_namespace, namespace, to_compute
+from ..backend import check_cache, check_dout, check_last_dim, float_namespace, namespace, to_compute
 
 __all__ = ["layernorm_forward", "layernorm_backward", "LayerNormCache",
            "rmsnorm_forward", "rmsnorm_backward", "RMSNormCache"]
@@ -105,6 +105,7 @@ def layernorm_backward(dout, cache: LayerNormCache):
 
     Derivation: derivations/07-layernorm.md, eqs. (7.3)-(7.4).
     """
+    check_cache(cache, LayerNormCache, "layernorm_forward")
     xhat, rstd, gamma, has_beta, dtype = cache
     xp = namespace(dout=dout, xhat=xhat)
     check_dout(xp, dout, xhat.shape, dtype)
@@ -148,6 +149,7 @@ def rmsnorm_backward(dout, cache: RMSNormCache):
 
     Derivation: derivations/07-layernorm.md, eq. (7.6).
     """
+    check_cache(cache, RMSNormCache, "rmsnorm_forward")
     xhat, rrms, gamma, dtype = cache
     xp = namespace(dout=dout, xhat=xhat)
     check_dout(xp, dout, xhat.shape, dtype)

@@ -13,9 +13,10 @@ Backward:
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
-from ..backend import check_float, float_namespace, namespace, to_compute
+from ..backend import check_cache, check_float, float_namespace, namespace, to_compute
 
 __all__ = ["linear_forward", "linear_backward", "LinearCache"]
 
@@ -68,6 +69,7 @@ def linear_backward(dout, cache: LinearCache):
     Each is the chain rule (1.2) summed over the outputs an input touches.
     Derivation: derivations/01-linear.md, eqs. (1.2)-(1.5).
     """
+    check_cache(cache, LinearCache, "linear_forward")
     x, w, has_bias = cache
     xp = namespace(dout=dout, x=x)
     check_float(xp, "dout", dout)
@@ -81,8 +83,9 @@ def linear_backward(dout, cache: LinearCache):
 
     dx = g @ wc.mT                                           # (..., E_in)    eq. (1.3)
     # every leading index is a row P that used the same w and b: their gradients add up
-    x2 = xp.reshape(xc, (-1, e_in))                          # (P, E_in)
-    g2 = xp.reshape(g, (-1, e_out))                          # (P, E_out)
+    rows = math.prod(x.shape[:-1])
+    x2 = xp.reshape(xc, (rows, e_in))                        # (P, E_in)
+    g2 = xp.reshape(g, (rows, e_out))                        # (P, E_out)
     dw = x2.mT @ g2                                          # (E_in, E_out)  eq. (1.4)
     db = xp.sum(g2, axis=0) if has_bias else None            # (E_out,)       eq. (1.5)
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import numbers
 from typing import NamedTuple
 
-from ..backend import check_dout, check_float, check_int, compute_dtype, device, namespace, to_compute
+from ..backend import check_cache, check_dout, check_float, check_int, compute_dtype, device, namespace, to_compute
 
 __all__ = ["rope_forward", "rope_backward", "RopeCache", "rope_angles"]
 
@@ -106,6 +106,7 @@ def rope_backward(dout, cache: RopeCache):
 
     Derivation: derivations/09-embeddings-positions.md, eq. (9.6).
     """
+    check_cache(cache, RopeCache, "rope_forward")
     cos, sin, interleaved, shape, dtype = cache
     xp = namespace(dout=dout, cos=cos)
     check_dout(xp, dout, shape, dtype)

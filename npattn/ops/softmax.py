@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from ..backend import check_dout, check_float, device, namespace, to_compute
+from ..backend import check_cache, check_dout, check_float, device, namespace, to_compute
 
 __all__ = ["softmax", "softmax_forward", "softmax_backward", "softmax_jacobian", "SoftmaxCache",
            "log_softmax_forward", "log_softmax_backward", "LogSoftmaxCache"]
@@ -44,6 +44,10 @@ def _stable_softmax(xp, x, axis, *, overwrite: bool = False):
     caller whose ``x`` is its own scratch array (attention's scores): two fewer full-size arrays.
     Derivation: derivations/02-softmax.md, eqs. (2.2) and (2.4).
     """
+    if x.shape[axis] == 0:                                    # no entries: nothing to normalize
+        stat = xp.zeros(tuple(1 if a == axis % x.ndim else s for a, s in enumerate(x.shape)), dtype=x.dtype,
+                        device=device(x))
+        return xp.zeros_like(x), stat, stat                   # l = 0: like a fully masked row
     m = xp.max(x, axis=axis, keepdims=True)                   # (..., 1)
     # A row that is all -inf (fully masked) would give exp(-inf - -inf) = NaN; shift it by 0
     # instead, so its exponentials are exp(-inf) = 0 and its sum l is 0. NaN rows stay NaN.
@@ -105,6 +109,7 @@ def softmax_backward(dout, cache: SoftmaxCache):
     applied without forming ``J``; each row of ``dx`` sums to zero.
     Derivation: derivations/02-softmax.md, eqs. (2.3) and (2.6)-(2.8).
     """
+    check_cache(cache, SoftmaxCache, "softmax_forward")
     y, axis = cache
     xp = namespace(dout=dout, y=y)
     check_float(xp, "dout", dout)
@@ -165,6 +170,8 @@ def _stable_log_softmax(xp, x, axis):
     Never forms ``log(p)`` of an underflowed ``p``, so ``y`` stays finite for very negative
     logits. A row that is all ``-inf`` has ``l = 0`` and gives ``y = -inf`` (``log 0``), not NaN.
     """
+    if x.shape[axis] == 0:
+        return xp.zeros_like(x)                               # no entries, nothing to compute
     m = xp.max(x, axis=axis, keepdims=True)                   # (..., 1)
     m = xp.where(m == -xp.inf, xp.zeros_like(m), m)           # fully masked row: shift by 0
     shifted = x - m                                           # (..., n)
@@ -201,6 +208,7 @@ def log_softmax_backward(dout, cache: LogSoftmaxCache):
     The Jacobian of ``y_i = x_i - lse(x)`` is ``I - 1 p^T``; applied to ``dout`` from the left
     it gives this line without forming it. Derivation: derivations/10-cross-entropy.md, eq. (10.2).
     """
+    check_cache(cache, LogSoftmaxCache, "log_softmax_forward")
     y, axis = cache
     xp = namespace(dout=dout, y=y)
     check_dout(xp, dout, y.shape, y.dtype)

@@ -1,0 +1,178 @@
+"""Edge inputs and the suite's former blind spots (issue 14): empty axes, zero-size heads, caches from
+the wrong op, silent casts, gradcheck's own arguments, and bugs that used to pass the suite."""
+
+import numpy as np
+import pytest
+
+from npattn import (
+    attention_backward,
+    attention_forward,
+    flash_attention_backward,
+    flash_attention_forward,
+    gradcheck,
+    layernorm_backward,
+    linear_backward,
+    linear_forward,
+    softmax,
+    softmax_backward,
+    softmax_forward,
+)
+from npattn.checks import flash_with_lse_backward, flash_with_lse_forward
+
+
+@pytest.mark.parametrize("op", ["naive", "tiled"])
+def test_no_keys_gives_zero_output_and_minus_inf_lse(op):
+    q, k, v = np.ones((2, 3, 4)), np.ones((2, 0, 4)), np.ones((2, 0, 5))
+    forward, backward = (attention_forward, attention_backward) if op == "naive" else \
+        (flash_attention_forward, flash_attention_backward)
+    o, cache = forward(q, k, v)
+    assert o.shape == (2, 3, 5) and np.all(o == 0)
+    dq, dk, dv = backward(np.ones((2, 3, 5)), cache)
+    assert np.all(dq == 0) and dk.shape == (2, 0, 4) and dv.shape == (2, 0, 5)
+    if op == "tiled":
+        assert np.all(cache.lse == -np.inf)
+
+
+def test_empty_softmax_and_linear():
+    y, cache = softmax_forward(np.ones((3, 0)))
+    assert y.shape == (3, 0) and softmax_backward(np.ones((3, 0)), cache).shape == (3, 0)
+    for e_in, e_out in ((4, 0), (0, 5)):
+        _, cache = linear_forward(np.ones((3, e_in)), np.ones((e_in, e_out)), np.ones(e_out))
+        dx, dw, db = linear_backward(np.ones((3, e_out)), cache)
+        assert dx.shape == (3, e_in) and dw.shape == (e_in, e_out) and np.all(dx == 0)
+
+
+def test_zero_head_dim_and_zero_heads_are_named():
+    with pytest.raises(ValueError, match="needs a head dim D >= 1, got D = 0"):
+        attention_forward(np.ones((3, 0)), np.ones((2, 0)), np.ones((2, 2)))
+    with pytest.raises(ValueError, match=r"at least one head \(H >= 1, G >= 1\)"):
+        attention_forward(np.ones((1, 4, 3, 2)), np.ones((1, 0, 3, 2)), np.ones((1, 0, 3, 2)))
+
+
+@pytest.mark.parametrize("backward", [softmax_backward, linear_backward, layernorm_backward, attention_backward,
+                                      flash_attention_backward])
+def test_a_cache_from_another_op_is_named(backward):
+    _, wrong = softmax_forward(np.ones((2, 3))) if backward is not softmax_backward else linear_forward(
+        np.ones((2, 3)), np.ones((3, 3)))
+    for cache in (wrong, None):
+        with pytest.raises(TypeError, match=r"cache must be the \w+Cache returned by \w+_forward, got"):
+            backward(np.ones((2, 3)), cache)
+
+
+def test_no_silent_casts_and_numpy_scalars(rng):
+    q = rng.standard_normal((1, 3, 2))
+    _, cache = flash_attention_forward(q, q, q)
+    with pytest.raises(TypeError, match="dlse must have lse's dtype float64, got float32"):
+        flash_attention_backward(np.ones((1, 3, 2)), cache, dlse=np.ones((1, 3), dtype=np.float32))
+    a, _ = attention_forward(q, q, q, dropout_p=np.float32(0.25), rng=1)       # NumPy scalars are numbers
+    b, _ = attention_forward(q, q, q, dropout_p=0.25, rng=1)
+    np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="rng must be a non-negative int seed"):
+        attention_forward(q, q, q, dropout_p=0.1, rng=-1)
+    for axis in (None, 1.0, True):
+        with pytest.raises(TypeError, match="axis must be an int"):
+            softmax(np.ones(3), axis=axis)
+
+
+def test_bfloat16_is_a_clear_type_error():
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    x = np.ones((2, 3), dtype=ml_dtypes.bfloat16)
+    with pytest.raises(TypeError, match="x must be a real floating array, got dtype bfloat16"):
+        softmax(x)
+
+
+def test_on_tile_gets_copies_not_the_loops_state(rng):
+    q, k, v = (rng.standard_normal((1, 6, 2)) for _ in range(3))
+    o, _ = flash_attention_forward(q, k, v, block_q=3, block_k=2, workers=1)
+
+    def vandal(tile):
+        tile.l_i[...] = 1e9
+        tile.m_i[...] = -5.0
+
+    o2, _ = flash_attention_forward(q, k, v, block_q=3, block_k=2, workers=1, on_tile=vandal)
+    np.testing.assert_array_equal(o, o2)
+    with pytest.raises(TypeError, match="on_tile must be callable"):
+        flash_attention_forward(q, k, v, on_tile=1)
+
+
+@pytest.mark.parametrize("kw, err, words", [
+    (dict(rtol=-1.0), ValueError, "rtol must be >= 0, got -1.0"),
+    (dict(atol=-1e-9), ValueError, "atol must be >= 0"),
+    (dict(eps="1e-6"), TypeError, "eps must be a finite real number > 0, got '1e-6'"),
+    (dict(seed="a"), TypeError, "seed must be an int, got 'a'"),
+    (dict(directions=0, mode="directional"), ValueError, "directions must be >= 1, got 0"),
+])
+def test_gradcheck_arguments(kw, err, words):
+    with pytest.raises(err, match=words):
+        gradcheck(softmax_forward, softmax_backward, dict(x=np.ones(3)), **kw)
+
+
+def test_gradcheck_refuses_empty_inputs_and_a_dropout_generator(rng):
+    with pytest.raises(ValueError, match="inputs must hold at least one array"):
+        gradcheck(softmax_forward, softmax_backward, {})
+    q = rng.standard_normal((3, 2))
+    with pytest.raises(ValueError, match="rng is a numpy.random.Generator.*pass an int seed"):
+        gradcheck(attention_forward, attention_backward, dict(q=q, k=q, v=q),
+                  kwargs=dict(dropout_p=0.2, rng=np.random.default_rng(0)))
+
+
+# --- bugs that used to pass the suite: each test fails on the bug
+def test_gradcheck_defaults_catch_a_five_percent_error(rng):
+    q, k, v = rng.standard_normal((2, 3, 4, 3)), rng.standard_normal((2, 3, 5, 3)), rng.standard_normal((2, 3, 5, 2))
+
+    def dk_off_by_5_percent(dout, cache):
+        dq, dk, dv = attention_backward(dout, cache)
+        return dq, dk * 1.05, dv
+
+    report = gradcheck(attention_forward, dk_off_by_5_percent, dict(q=q, k=k, v=v))
+    assert [r.ok for r in report.rows] == [True, False, True]
+
+
+def test_gradcheck_counts_a_missing_gradient_as_wrong(rng):
+    q = rng.standard_normal((2, 4, 3))
+
+    def no_dk(dout, cache):
+        dq, _, dv = attention_backward(dout, cache)
+        return dq, None, dv
+
+    report = gradcheck(attention_forward, no_dk, dict(q=q, k=q.copy(), v=q.copy()))
+    assert [r.name for r in report.rows] == ["q", "k", "v"] and [r.ok for r in report.rows] == [True, False, True]
+
+
+def test_dropout_masks_differ_across_batch_and_heads(rng):
+    one = rng.standard_normal((1, 1, 6, 4))
+    q = np.broadcast_to(one, (2, 3, 6, 4)).copy()                      # identical batch elements and heads
+    o, cache = attention_forward(q, q, q, dropout_p=0.5, rng=0)
+    assert cache.keep.shape == cache.p.shape
+    flat = o.reshape(6, 6, 4)
+    assert all(not np.array_equal(flat[0], flat[i]) for i in range(1, 6))
+
+
+@pytest.mark.parametrize("mask_shape", [(2, 1, 9, 1), (2, 1, 1, 11), (9, 1), (1, 11)], ids=str)
+def test_tiled_broadcast_masks_over_several_tiles(rng, mask_shape):
+    q, k, v = rng.standard_normal((2, 2, 9, 3)), rng.standard_normal((2, 2, 11, 3)), rng.standard_normal((2, 2, 11, 2))
+    for mask in (rng.standard_normal(mask_shape), rng.random(mask_shape) > 0.3):
+        o, _ = attention_forward(q, k, v, mask=mask)
+        o_t, _ = flash_attention_forward(q, k, v, mask=mask, block_q=2, block_k=3)
+        np.testing.assert_allclose(o_t, o, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("op", [attention_forward, flash_attention_forward])
+def test_float16_scores_are_accumulated_in_float32(op):
+    q = np.array([[40.0]], dtype=np.float16)
+    k = np.array([[25.0], [25.015625]], dtype=np.float16)
+    v = np.array([[0.0], [1.0]], dtype=np.float16)
+    o, _ = op(q, k, v, scale=1.0)
+    assert o.dtype == np.float16 and float(o[0, 0]) == pytest.approx(0.6514, abs=1e-3)   # not 0.6226
+
+
+def test_dlse_reaches_2d_inputs(rng):
+    q, k, v = rng.standard_normal((4, 3)), rng.standard_normal((6, 3)), rng.standard_normal((6, 2))
+    report = gradcheck(flash_with_lse_forward, flash_with_lse_backward, dict(q=q, k=k, v=v),
+                       kwargs=dict(causal=True, block_q=3, block_k=4))
+    assert report.ok, report
+
+    def dropping_dlse(douts, cache):
+        return flash_attention_backward(douts[0], cache)
+
+    assert not gradcheck(flash_with_lse_forward, dropping_dlse, dict(q=q, k=k, v=v), kwargs=dict(block_q=3)).ok
