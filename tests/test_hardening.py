@@ -176,3 +176,68 @@ def test_dlse_reaches_2d_inputs(rng):
         return flash_attention_backward(douts[0], cache)
 
     assert not gradcheck(flash_with_lse_forward, dropping_dlse, dict(q=q, k=k, v=v), kwargs=dict(block_q=3)).ok
+
+
+# --- the NaN rule (docstrings and README "Conventions")
+@pytest.mark.parametrize("op", ["naive", "tiled"])
+def test_a_nan_value_reaches_every_row_that_may_attend_it(rng, op):
+    q, k, v = rng.standard_normal((1, 8, 3)), rng.standard_normal((1, 8, 3)), rng.standard_normal((1, 8, 2))
+    v[0, 5, 0] = np.nan                                            # key 5's value
+    forward = attention_forward if op == "naive" else flash_attention_forward
+    o, _ = forward(q, k, v, causal=True, **({} if op == "naive" else dict(block_q=2, block_k=2)))
+    assert np.isnan(o[0, 5:, 0]).all()                             # rows 5-7 may attend key 5: never hidden
+    assert not np.isnan(o[0, :, 1]).any()                          # the other value column is clean
+    if op == "tiled":
+        assert not np.isnan(o[0, :4, 0]).any()                     # rows 0-3: their tiles with key 5 are skipped
+
+
+# --- a wide property test: either a named error or the float64 truth, never another exception or a NaN
+ARGUMENTS = ("q", "k", "v", "mask", "scale", "causal", "dropout_p", "window", "softcap", "alibi_slopes", "block_q",
+             "block_k", "workers", "D", "G", "H")
+
+
+@pytest.mark.parametrize("op", ["naive", "tiled"])
+def test_wide_inputs_give_a_named_error_or_the_truth(op):
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from tests.reference import attention_reference
+
+    dims = st.integers(0, 4)
+    finite_or_not = st.sampled_from(["finite", "nan_q", "inf_k"])
+
+    @settings(max_examples=60, deadline=None, derandomize=True)
+    @given(b=st.integers(1, 2), h=st.sampled_from([1, 2, 4]), g=st.sampled_from([1, 2, 3]), n=dims, m=dims,
+           d=st.integers(0, 3), dtype=st.sampled_from(["float64", "float32", "int64"]),
+           mask=st.sampled_from([None, "bool", "float", "bad_shape", "float32"]),
+           scale=st.sampled_from([None, 0.5, -1.0, float("inf"), "x"]),
+           causal=st.sampled_from([False, True, "top-left", "no"]),
+           window=st.sampled_from([None, (1, 0), (None, 2), (-1, 0)]), values=finite_or_not, seed=st.integers(0, 9))
+    def check(b, h, g, n, m, d, dtype, mask, scale, causal, window, values, seed):
+        rng = np.random.default_rng(seed)
+        q = rng.standard_normal((b, h, n, d)).astype(dtype)
+        k = rng.standard_normal((b, g, m, d)).astype(dtype)
+        v = rng.standard_normal((b, g, m, 2)).astype(dtype)
+        if values == "nan_q" and q.size and dtype != "int64":
+            q.flat[0] = np.nan
+        if values == "inf_k" and k.size and dtype != "int64":
+            k.flat[0] = np.inf
+        mask_arr = {None: None, "bool": rng.random((n, m)) > 0.3, "float": rng.standard_normal((n, m)).astype(dtype),
+                    "bad_shape": np.ones((n + 1, m + 2), bool), "float32": np.ones((n, m), np.float32)}[mask]
+        kwargs = dict(mask=mask_arr, scale=scale, causal=causal, window=window)
+        forward = attention_forward if op == "naive" else flash_attention_forward
+        try:
+            o, _ = forward(q, k, v, **kwargs)
+        except (TypeError, ValueError) as err:
+            assert any(name in str(err) for name in ARGUMENTS + ("head", "scores", "heads")), str(err)
+            return
+        o_ref = attention_reference(q, k, v, mask=mask_arr, causal=causal, scale=scale, window=window)[0]
+        if values == "finite":
+            assert not np.isnan(o).any()
+            tol = 1e-10 if dtype == "float64" else 1e-4
+            np.testing.assert_allclose(o, o_ref, rtol=tol, atol=tol)
+        else:
+            # the bad value reaches at least the rows of its head that the reference shows it in
+            assert np.all(np.isnan(o)[np.isnan(o_ref)] | ~np.isnan(o_ref)[np.isnan(o_ref)])
+
+    check()

@@ -247,6 +247,9 @@ def attention_forward(q, k, v, *, mask=None, causal=False, scale=None, dropout_p
     o : array (..., H, N, Dv), the inputs' dtype.
     cache : AttentionCache (``cache.p`` is the weights before dropout).
 
+    NaN is never hidden: a NaN in q, k, v or a float mask reaches every row that may attend it, and
+    through ``p @ v`` (``0 * NaN``) also the other rows of its head.
+
     Derivation: derivations/03-attention.md, eqs. (3.1)-(3.6); the variants: derivations/13-variants.md.
     """
     xp = namespace(q=q, k=k, v=v, mask=mask)

@@ -222,6 +222,9 @@ def flash_attention_forward(q, k, v, *, mask=None, causal=False, scale=None, sof
     o : array (..., H, N, Dv), the inputs' dtype, equal to ``attention_forward``'s output.
     cache : FlashCache, with ``cache.lse (..., H, N)`` (``-inf`` for rows that see no key).
 
+    NaN is never hidden: a NaN in q, k, v or a float mask reaches every row that may attend it, and
+    the other rows of the tiles that hold it (rows whose tiles are all skipped stay clean).
+
     Derivation: derivations/04-online-softmax.md, eqs. (4.1)-(4.4) (why it is exact) and
     (4.5)-(4.10) (the loop).
     """
