@@ -138,3 +138,12 @@ def test_readme_examples_run():
     assert namespace["tokens"].shape == (4, 12)
     if ran_hf:
         assert namespace["worst"] < 1e-10
+
+
+def test_the_forty_line_example_runs_and_checks_out():
+    """examples/attention_in_40_lines.py: the file to read first; its gradients must agree."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile((ROOT / "examples" / "attention_in_40_lines.py").read_text(), "example", "exec"), {})
+    errors = [float(line.rsplit("=", 1)[1]) for line in out.getvalue().splitlines()]
+    assert len(errors) == 3 and max(errors) < 1e-8
