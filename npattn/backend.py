@@ -216,7 +216,7 @@ def run_grid(run_share, shares):
     """FlashAttention-2's parallel grid on CPU threads: ``run_share(w, shares[w])`` for each share,
     on its own thread when there are several (BLAS kept to one thread meanwhile, so each worker uses
     one core), else inline. Used by the tiled op's tile loops and by the naive op's head slices.
-    Derivation: derivations/05-flash-backward.md, eq. (5.8)."""
+    Derivation: derivations/05-flash-backward.md, eq. (5.7)."""
     if len(shares) == 1:
         run_share(0, shares[0])
         return

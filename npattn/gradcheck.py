@@ -69,7 +69,7 @@ def gradcheck(forward, backward, inputs, *, kwargs=None, eps=1e-6, rtol=1e-6, at
 
     Parameters
     ----------
-    forward, backward : a functional pair (see SPEC.md).
+    forward, backward : a functional pair (docs/conventions.md).
     inputs : dict name -> array, or a sequence (named ``arg0, arg1, ...``)
         The forward's array arguments, in the forward's positional order. A None entry (e.g. no
         bias) and integer or bool arrays (ids, class targets) are passed through unchanged and get

@@ -163,7 +163,7 @@ def block_backward(dout, cache: BlockCache):
 
 def block_params(init: Initializer, embed_dim, num_heads, num_kv_heads, ffn_dim, norm, activation, bias,
                  num_layers=1) -> dict:
-    """Freshly initialized block weights, in SPEC's key order (scheme: npattn/nn/params.py)."""
+    """Freshly initialized block weights, in the documented key order (scheme: npattn/nn/params.py)."""
     params = {}
 
     def norm_params(prefix):

@@ -181,7 +181,7 @@ def gpt_backward(dlogits, cache: GPTCache, config: GPTConfig) -> dict:
 
 
 def gpt_params(config: GPTConfig, init: Initializer) -> dict:
-    """Freshly initialized weights in SPEC's key order (scheme: npattn/nn/params.py)."""
+    """Freshly initialized weights in the documented key order (scheme: npattn/nn/params.py)."""
     e = config.embed_dim
     h, g = config.num_heads, config.num_kv_heads or config.num_heads
     params = {"wte": init.normal((config.vocab_size, e))}

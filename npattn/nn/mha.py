@@ -254,7 +254,7 @@ def mha_backward(dout, cache: MHACache):
 
 
 def mha_params(init: Initializer, embed_dim, num_heads, num_kv_heads, kdim, vdim, bias, num_layers=1) -> dict:
-    """Freshly initialized MHA weights (module docstring of npattn/nn/params.py), in SPEC's key order."""
+    """Freshly initialized MHA weights (module docstring of npattn/nn/params.py), in the documented key order (docs/conventions.md)."""
     d = embed_dim // num_heads
     shapes = dict(w_q=(embed_dim, num_heads * d), w_k=(kdim, num_kv_heads * d),
                   w_v=(vdim, num_kv_heads * d), w_o=(num_heads * d, embed_dim))
@@ -307,7 +307,7 @@ class MultiHeadAttention(Layer):
         self.last_weights = None
 
     def forward(self, query, key=None, value=None, *, mask=None, key_mask=None, causal=False):
-        """``(B, N, E)`` attention output; ``key=None`` is self-attention. Masks as in SPEC: ``mask``
+        """``(B, N, E)`` attention output; ``key=None`` is self-attention. Masks as in docs/conventions.md: ``mask``
         broadcasts to ``(B, H, N, M)``; ``key_mask (B, M)`` bool, True = a real token."""
         out, self._cache = mha_forward(self.params, self.spec, query, key, value, mask=mask,
                                        key_mask=key_mask, causal=causal)

@@ -1,12 +1,12 @@
 """Scaled dot-product attention: forward and hand-derived backward (the naive, N x M form).
 
-Shape legend (SPEC.md): ``q (..., H, N, D)``, ``k (..., G, M, D)``, ``v (..., G, M, Dv)``,
+Shape legend (docs/conventions.md): ``q (..., H, N, D)``, ``k (..., G, M, D)``, ``v (..., G, M, Dv)``,
 scores and weights ``(..., H, N, M)``, ``o (..., H, N, Dv)``; ``G == H`` for ordinary multi-head
 attention, ``G < H`` with ``R = H // G`` query heads per key/value head for grouped-query attention.
 2-D inputs ``q (N, D)``, ``k (M, D)``, ``v (M, Dv)`` are one head.
 
 Grouped layout: query head ``h = g * R + r`` uses key/value head ``g``. Reshaping ``q`` to
-``(..., G, R*N, D)`` is free (no copy) and stacks a group's ``R`` heads as extra rows, so
+``(..., G, R*N, D)`` (free for a contiguous ``q``, one copy for a strided view) stacks a group's ``R`` heads as extra rows, so
 ``q_g @ k_g^T`` serves the whole group and ``p^T @ dout`` sums the group in the backward without any
 copy of K or V (derivations/03-attention.md, eq. (3.11)).
 
@@ -75,7 +75,7 @@ class AttentionCache(NamedTuple):
 
 
 def check_qkv(xp, q, k, v):
-    """Validate q, k, v against SPEC.md and return ``(G, R)``: kv heads and query heads per group."""
+    """Validate q, k, v against docs/conventions.md and return ``(G, R)``: kv heads and query heads per group."""
     for name, a in (("q", q), ("k", k), ("v", v)):
         check_float(xp, name, a)
     check_same_dtype(q=q, k=k, v=v)

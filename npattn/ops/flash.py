@@ -62,8 +62,9 @@ class FlashCache(NamedTuple):
     """Saved by the forward: the inputs, the output ``o`` and the log-sum-exp ``lse`` per query row.
 
     No array here has ``N*M`` elements (a mask is the caller's own array, kept by reference):
-    O(N (D + Dv)) per head, derivations/05-flash-backward.md, eq. (5.7). The backward recomputes
-    every tile of ``p = exp(s - lse)`` from q, k and ``lse``, eq. (5.1).
+    O(N (D + Dv)) per head, derivations/05-flash-backward.md, eq. (5.8). The backward recomputes
+    every tile of ``p = exp(s - lse) = exp(s - m) / l`` from q, k and the row statistics ``shift``
+    (m) and ``inv_l`` (1/l), eq. (5.1).
     """
 
     q: object  # (..., H, N, D)
@@ -313,10 +314,11 @@ def flash_attention_backward(dout, cache: FlashCache, *, dlse=None, mask_grad: b
     workers : int >= 1, optional
         Threads for the outer (key tile) loop, as FlashAttention-2 spreads key tiles over thread
         blocks; each share of key tiles adds into its own dq, and the shares are summed in a fixed
-        order, eq. (5.8), so results do not depend on timing. Defaults to the forward's ``workers``.
+        order, eq. (5.7), so results do not depend on timing. Defaults to the forward's ``workers``.
 
-    Derivation: derivations/05-flash-backward.md, eqs. (5.1)-(5.2) (recomputing p) and
-    (5.3)-(5.6) (the loop).
+    Derivation: derivations/05-flash-backward.md, eq. (5.1) (p from the forward's statistics),
+    eqs. (5.2)-(5.3) (chapter 3's backward, and delta = rowsum(dout * o)), eqs. (5.4)-(5.6) (the
+    tile loop, and dlse).
     """
     check_cache(cache, FlashCache, "flash_attention_forward")
     q, k, v, o, lse, sc = cache.q, cache.k, cache.v, cache.o, cache.lse, cache.sc
@@ -365,7 +367,7 @@ def flash_attention_backward(dout, cache: FlashCache, *, dlse=None, mask_grad: b
     n_dmask = 0 if not want_dmask else (1 if sc.mask.shape[-1] != 1 else len(shares))
     dmasks = [xp.zeros(tuple(sc.mask.shape), dtype=ct, device=device(q)) for _ in range(n_dmask)]
 
-    def key_tiles(w, share):                          # key tiles own dk_j, dv_j; dq is shared: eq. (5.8)
+    def key_tiles(w, share):                          # key tiles own dk_j, dv_j; dq is shared: eq. (5.7)
         dq5 = dq5s[w]                                 # this share's partial dq
         dmask = dmasks[min(w, len(dmasks) - 1)] if dmasks else None
         for j in share:
@@ -404,7 +406,7 @@ def flash_attention_backward(dout, cache: FlashCache, *, dlse=None, mask_grad: b
 
     run_grid(key_tiles, shares)
     dq5 = dq5s[0]
-    for part in dq5s[1:]:                             # eq. (5.8): the shares' dq, summed in a fixed order
+    for part in dq5s[1:]:                             # eq. (5.7): the shares' dq, summed in a fixed order
         dq5 += part                                   # in place: our own buffer, no N x D temporary
     dq5 *= scale                                      # eq. (5.5): dq = scale * sum of ds k_j
     dq = xp.reshape(dq5, tuple(q.shape))                                    # (..., H, N, D)

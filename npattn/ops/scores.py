@@ -1,6 +1,6 @@
 """The score pipeline shared by the naive and the tiled attention ops, for any block of rows and columns.
 
-Order (FlashAttention's reference, SPEC "Attention semantics"), on a block of query rows
+Order (FlashAttention's reference, docs/conventions.md "Attention semantics"), on a block of query rows
 ``i0:i1`` and key columns ``j0:j1``, in the grouped layout ``(..., G, R, bq, bk)``:
     1. s = scale * q k^T                                   (the caller's matmul)     eq. (3.1)
     2. s = c * tanh(s / c)                                 softcap                   eq. (13.1)
