@@ -165,7 +165,7 @@ class CheckReport:
         return "\n".join(lines)
 
 
-def _tolerance(dtype: str, ref, scores_max: float, output: str) -> float:
+def _tolerance(dtype: str, scores_max: float, output: str) -> float:
     """Allowed error relative to ``max|ref|``: measured float32 errors are about
     ``max|s| * eps / 2``; allow 16x that (and more for the gradients, which sum over a length)."""
     eps = {"float64": 2.2e-16, "float32": 1.2e-7, "float16": 9.8e-4, "bfloat16": 7.8e-3}[dtype]
@@ -286,7 +286,7 @@ def check_attention(fn: Callable, *, dtype: str = "float32", cases=None, rtol=No
                 continue
             want = getattr(ref, output)
             g = got[output]
-            rel_tol = _tolerance(dtype, want, s_max, output) if rtol is None else rtol
+            rel_tol = _tolerance(dtype, s_max, output) if rtol is None else rtol
             scale = max(1.0, float(np.max(np.abs(want[np.isfinite(want)]))) if np.isfinite(want).any() else 1.0)
             if g.shape != want.shape:
                 rows.append(CheckRow(case.name, output, math.inf, math.inf, False, f"shape {g.shape} != {want.shape}"))
@@ -319,7 +319,7 @@ def _diagnose(failing, dtype, rtol) -> list:
             differs = any(not _close(alt[o], getattr(right, o), 1e-9) for o in outputs)
             if not differs:
                 continue
-            tol = 4 * (_tolerance(dtype, None, s_max, "o") if rtol is None else rtol)
+            tol = 4 * (_tolerance(dtype, s_max, "o") if rtol is None else rtol)
             matches = all(_close(got[o], alt[o], tol) for o in outputs)
             verdicts.setdefault(code, []).append(matches)
     return [code for code in DIAGNOSES if code in verdicts and all(verdicts[code])]

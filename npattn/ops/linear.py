@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
-from ..backend import check_cache, check_float, float_namespace, namespace, to_compute
+from ..backend import check_cache, check_dout, float_namespace, namespace, to_compute
 
 __all__ = ["linear_forward", "linear_backward", "LinearCache"]
 
@@ -72,12 +72,7 @@ def linear_backward(dout, cache: LinearCache):
     check_cache(cache, LinearCache, "linear_forward")
     x, w, has_bias = cache
     xp = namespace(dout=dout, x=x)
-    check_float(xp, "dout", dout)
-    out_shape = tuple(x.shape[:-1]) + (w.shape[1],)
-    if tuple(dout.shape) != out_shape:
-        raise ValueError(f"dout must have the output's shape {out_shape}, got {tuple(dout.shape)}")
-    if dout.dtype != x.dtype:
-        raise TypeError(f"dout must have the output's dtype {x.dtype}, got {dout.dtype}")
+    check_dout(xp, dout, tuple(x.shape[:-1]) + (w.shape[1],), x.dtype)
     e_in, e_out = w.shape
     g, xc, wc = to_compute(xp, dout), to_compute(xp, x), to_compute(xp, w)
 

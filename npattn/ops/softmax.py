@@ -112,11 +112,7 @@ def softmax_backward(dout, cache: SoftmaxCache):
     check_cache(cache, SoftmaxCache, "softmax_forward")
     y, axis = cache
     xp = namespace(dout=dout, y=y)
-    check_float(xp, "dout", dout)
-    if tuple(dout.shape) != tuple(y.shape):
-        raise ValueError(f"dout must have the output's shape {tuple(y.shape)}, got {tuple(dout.shape)}")
-    if dout.dtype != y.dtype:
-        raise TypeError(f"dout must have the output's dtype {y.dtype}, got {dout.dtype}")
+    check_dout(xp, dout, y.shape, y.dtype)
     yc, g = to_compute(xp, y), to_compute(xp, dout)
     # step 4 (y = e / l) and steps 1-3 together: eq. (2.7)
     dx = yc * (g - xp.sum(g * yc, axis=axis, keepdims=True))  # (..., n)
