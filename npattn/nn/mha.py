@@ -182,13 +182,13 @@ def mha_forward(params, spec: MHASpec, query, key=None, value=None, *, mask=None
 def _heads(xp, params, spec: MHASpec, query, key, value, offset: int):
     """Steps 1-3 of the forward: the projections, split into heads, RoPE'd. Returns
     ``(q, k, v, lin_q, lin_k, lin_v, rope_q, rope_k)``."""
-    h, g = spec.num_heads, spec.num_kv_heads
+    H, G = spec.num_heads, spec.num_kv_heads
     # 1. the three input projections: eq. (6.1)
     q, lin_q = linear_forward(query, params["w_q"], params.get("b_q"))       # (B, N, H*D)
     k, lin_k = linear_forward(key, params["w_k"], params.get("b_k"))         # (B, M, G*D)
     v, lin_v = linear_forward(value, params["w_v"], params.get("b_v"))       # (B, M, G*Dv)
     # 2. split heads: eq. (6.2)
-    q, k, v = split_heads(xp, q, h), split_heads(xp, k, g), split_heads(xp, v, g)   # (B, H|G, N|M, D)
+    q, k, v = split_heads(xp, q, H), split_heads(xp, k, G), split_heads(xp, v, G)   # (B, H|G, N|M, D)
     # 3. RoPE on the new tokens' q and k, at their absolute positions: eq. (9.5)
     rope_q = rope_k = None
     if spec.rope:
@@ -274,10 +274,10 @@ def check_heads(embed_dim, num_heads, num_kv_heads):
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     if embed_dim % num_heads:
         raise ValueError(f"embed_dim must be divisible by num_heads: embed_dim={embed_dim}, num_heads={num_heads}")
-    g = num_heads if num_kv_heads is None else num_kv_heads
-    if isinstance(g, bool) or not isinstance(g, int) or g < 1 or num_heads % g:
+    G = num_heads if num_kv_heads is None else num_kv_heads
+    if isinstance(G, bool) or not isinstance(G, int) or G < 1 or num_heads % G:
         raise ValueError(f"num_kv_heads must divide num_heads={num_heads} (H % G == 0), got {num_kv_heads!r}")
-    return num_heads, g
+    return num_heads, G
 
 
 def check_attention_name(attention):
@@ -296,14 +296,14 @@ class MultiHeadAttention(Layer):
 
     def __init__(self, embed_dim, num_heads, *, num_kv_heads=None, kdim=None, vdim=None, bias=True,
                  rope=False, rope_base=10000.0, attention="naive", dtype="float64", seed=None):
-        h, g = check_heads(embed_dim, num_heads, num_kv_heads)
+        H, G = check_heads(embed_dim, num_heads, num_kv_heads)
         if rope and (embed_dim // num_heads) % 2:
             raise ValueError(f"rope=True needs an even head dim, got embed_dim // num_heads = {embed_dim // num_heads}")
-        self.spec = MHASpec(num_heads=h, num_kv_heads=g, rope=bool(rope), rope_base=float(rope_base),
+        self.spec = MHASpec(num_heads=H, num_kv_heads=G, rope=bool(rope), rope_base=float(rope_base),
                             attention=check_attention_name(attention))
         self.embed_dim = embed_dim
         init = Initializer(seed, check_dtype_name(dtype))
-        super().__init__(mha_params(init, embed_dim, h, g, kdim or embed_dim, vdim or embed_dim, bias))
+        super().__init__(mha_params(init, embed_dim, H, G, kdim or embed_dim, vdim or embed_dim, bias))
         self.last_weights = None
 
     def forward(self, query, key=None, value=None, *, mask=None, key_mask=None, causal=False):

@@ -84,7 +84,7 @@ def sub(params, prefix: str) -> dict:
 
 def prefixed(grads: dict, prefix: str) -> dict:
     """``grads`` with ``prefix`` put in front of every name."""
-    return {prefix + name: g for name, g in grads.items()}
+    return {prefix + name: grad for name, grad in grads.items()}
 
 
 def check_dtype_name(dtype) -> str:

@@ -103,8 +103,8 @@ def relu_forward(x):
 
 def relu_backward(dout, cache: ActivationCache):
     """``dx = dout * [x > 0]`` (the subgradient 0 at x = 0, as torch). eq. (8.2)."""
-    xp, g, xc = _derivative(dout, cache, "relu")
-    dx = xp.where(xc > 0, g, xp.zeros_like(g))
+    xp, dout_c, xc = _derivative(dout, cache, "relu")
+    dx = xp.where(xc > 0, dout_c, xp.zeros_like(dout_c))
     return xp.astype(dx, cache.x.dtype, copy=False)
 
 
@@ -116,9 +116,9 @@ def silu_forward(x):
 
 def silu_backward(dout, cache: ActivationCache):
     """``dx = dout * sigma(x) (1 + x (1 - sigma(x)))``. Derivation: derivations/08-activations.md, eq. (8.3)."""
-    xp, g, xc = _derivative(dout, cache, "silu")
+    xp, dout_c, xc = _derivative(dout, cache, "silu")
     sig = _sigmoid(xp, xc)
-    return xp.astype(g * sig * (1.0 + xc * (1.0 - sig)), cache.x.dtype, copy=False)
+    return xp.astype(dout_c * sig * (1.0 + xc * (1.0 - sig)), cache.x.dtype, copy=False)
 
 
 def _tanh_u(xp, xc):
@@ -142,7 +142,7 @@ def gelu_backward(dout, cache: ActivationCache):
     """``dx = dout * f'(x)`` for either GELU form. Derivation: derivations/08-activations.md,
     eqs. (8.4)-(8.5)."""
     kind = getattr(cache, "kind", None) if getattr(cache, "kind", None) in ("gelu_none", "gelu_tanh") else "gelu_none"
-    xp, g, xc = _derivative(dout, cache, kind)
+    xp, dout_c, xc = _derivative(dout, cache, kind)
     if kind == "gelu_tanh":
         t = _tanh_u(xp, xc)
         du = _SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_TANH_C * xc * xc)
@@ -151,4 +151,4 @@ def gelu_backward(dout, cache: ActivationCache):
         cdf = 0.5 * (1.0 + erf(xc / math.sqrt(2.0)))
         pdf = xp.exp(-0.5 * xc * xc) / math.sqrt(2.0 * math.pi)
         d = cdf + xc * pdf                                                   # eq. (8.4)
-    return xp.astype(g * d, cache.x.dtype, copy=False)
+    return xp.astype(dout_c * d, cache.x.dtype, copy=False)

@@ -90,17 +90,17 @@ def check_qkv(xp, q, k, v):
         return 1, 1
     if not (q.shape[:-3] == k.shape[:-3] == v.shape[:-3]):
         raise ValueError(f"q, k, v must have equal leading (batch) dims, got {shapes}")
-    h, g = q.shape[-3], k.shape[-3]
-    if g == 0 or h == 0:
+    H, G = q.shape[-3], k.shape[-3]
+    if G == 0 or H == 0:
         raise ValueError(f"q and k must have at least one head (H >= 1, G >= 1), got {shapes}")
-    if v.shape[-3] != g:
+    if v.shape[-3] != G:
         raise ValueError(f"k and v must have the same number of heads G (axis -3), got {shapes}")
-    if g > h or h % g != 0:
-        raise ValueError(f"query heads H={h} must be a multiple of key/value heads G={g} (H % G == 0), got {shapes}")
-    return g, h // g
+    if G > H or H % G != 0:
+        raise ValueError(f"query heads H={H} must be a multiple of key/value heads G={G} (H % G == 0), got {shapes}")
+    return G, H // G
 
 
-def causal_allowed(xp, rows, cols, n: int, m: int, like, causal=True):
+def causal_allowed(xp, rows, cols, N: int, M: int, like, causal=True):
     """Bool ``(len(rows), len(cols))``: query ``i`` may see key ``j`` iff ``j <= i + M - N``
     (bottom-right, as FlashAttention >= 2.1; ``causal="top-left"``: ``j <= i``). ``rows``/``cols``
     are ``(start, stop)`` index ranges. Derivation: derivations/03-attention.md, eq. (3.3).
@@ -108,7 +108,7 @@ def causal_allowed(xp, rows, cols, n: int, m: int, like, causal=True):
     dev = device(like)
     i = xp.arange(rows[0], rows[1], device=dev)[:, None]     # (n_rows, 1)
     j = xp.arange(cols[0], cols[1], device=dev)[None, :]     # (1, n_cols)
-    return j <= i + causal_offset(causal, n, m)              # (n_rows, n_cols)
+    return j <= i + causal_offset(causal, N, M)              # (n_rows, n_cols)
 
 
 def _check_dropout(dropout_p):
@@ -256,8 +256,8 @@ def attention_forward(q, k, v, *, mask=None, causal=False, scale=None, dropout_p
     G, R = check_qkv(xp, q, k, v)
     dropout_p = _check_dropout(dropout_p)
     ct = compute_dtype(xp, q.dtype)
-    m, dv = k.shape[-2], v.shape[-1]
-    scores_shape = tuple(q.shape[:-1]) + (m,)                             # (..., H, N, M)
+    M, Dv = k.shape[-2], v.shape[-1]
+    scores_shape = tuple(q.shape[:-1]) + (M,)                             # (..., H, N, M)
     sc = make_scores(xp, q, k, mask=mask, causal=causal, scale=scale, softcap=softcap,
                      alibi_slopes=alibi_slopes, window=window, G=G, R=R)
     workers = resolve_naive_workers(xp, workers, math.prod(scores_shape))
@@ -269,7 +269,7 @@ def attention_forward(q, k, v, *, mask=None, causal=False, scale=None, dropout_p
         o, p, t = _attend(xp, q, k, v, sc, keep, dropout_p)
     else:
         dev = device(q)
-        o = xp.empty(tuple(q.shape[:-1]) + (dv,), dtype=ct, device=dev)   # (..., H, N, Dv)
+        o = xp.empty(tuple(q.shape[:-1]) + (Dv,), dtype=ct, device=dev)   # (..., H, N, Dv)
         p = xp.empty(scores_shape, dtype=ct, device=dev)                  # (..., H, N, M)
         t = xp.empty(scores_shape, dtype=ct, device=dev) if sc.softcap is not None else None
 
@@ -294,25 +294,25 @@ def _grouped5(xp, a, sc: Scores):
 def _attend(xp, q, k, v, sc: Scores, keep, dropout_p):
     """Steps 1-5 of the forward on one slice (or all of it): ``(o, p, t)`` in the compute dtype."""
     G, R = sc.G, sc.R
-    n, m, d, dv = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
+    N, M, D, Dv = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
     lead = tuple(q.shape[:-3])
-    scores_shape = tuple(q.shape[:-1]) + (m,)                             # (..., H, N, M)
+    scores_shape = tuple(q.shape[:-1]) + (M,)                             # (..., H, N, M)
     qc, kc, vc = to_compute(xp, q), to_compute(xp, k), to_compute(xp, v)
 
     # 1. scores, one matmul per kv group: eq. (3.1)
-    qg = xp.reshape(qc, lead + (G, R * n, d))                            # (..., G, R*N, D)
-    s = xp.reshape((sc.scale * qg) @ kc.mT, lead + (G, R, n, m))          # (..., G, R, N, M)
+    qg = xp.reshape(qc, lead + (G, R * N, D))                            # (..., G, R*N, D)
+    s = xp.reshape((sc.scale * qg) @ kc.mT, lead + (G, R, N, M))          # (..., G, R, N, M)
     # 2. the score pipeline: softcap, float mask, ALiBi, then every bool constraint (mask, causal,
     #    window) as -inf: eqs. (13.1)-(13.3), (3.2)-(3.3)
-    s, t = sc.apply(xp, s, (0, n), (0, m))
+    s, t = sc.apply(xp, s, (0, N), (0, M))
     s = xp.reshape(s, scores_shape)                                      # (..., H, N, M)
     # 3. softmax over keys; rows with no allowed key give p = 0: eq. (3.4)
     p, _, _ = _stable_softmax(xp, s, -1, overwrite=True)                  # (..., H, N, M); s is ours
     # 4. dropout: eq. (3.5)
     p_d = p if keep is None else _dropout(xp, p, keep, dropout_p)
     # 5. weighted sum of values: eq. (3.6)
-    o = xp.reshape(xp.reshape(p_d, lead + (G, R * n, m)) @ vc,
-                   tuple(q.shape[:-1]) + (dv,))                          # (..., H, N, Dv)
+    o = xp.reshape(xp.reshape(p_d, lead + (G, R * N, M)) @ vc,
+                   tuple(q.shape[:-1]) + (Dv,))                          # (..., H, N, Dv)
     return o, p, None if t is None else xp.reshape(t, scores_shape)
 
 
@@ -368,20 +368,20 @@ def _check_mask_grad(xp, mask_grad, sc: Scores) -> bool:
 
 def _attend_backward(xp, dout, q, k, v, p, keep, t, sc: Scores, dropout_p, want_dmask):
     """The backward's steps on one slice (or all of it): ``(dq, dk, dv[, dmask])``, compute dtype."""
-    n, m, d, dv = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
+    N, M, D, Dv = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
     lead = tuple(q.shape[:-3])
     G, R = sc.G, sc.R
-    qc, kc, vc, g = (to_compute(xp, a) for a in (q, k, v, dout))
+    qc, kc, vc, dout_c = (to_compute(xp, a) for a in (q, k, v, dout))
 
     def grouped(a, cols):
-        return xp.reshape(a, lead + (G, R * n, cols))                    # (..., G, R*N, cols)
+        return xp.reshape(a, lead + (G, R * N, cols))                    # (..., G, R*N, cols)
 
     # in the forward pass this was step 4: p_d = p * z / (1 - dropout_p)
     p_d = p if keep is None else _dropout(xp, p, keep, dropout_p)
     # step 5, o = p_d v: eq. (3.7); the matmul over R*N rows sums each group's heads
-    gg = grouped(g, dv)                                                  # (..., G, R*N, Dv)
-    dv_ = grouped(p_d, m).mT @ gg                                        # (..., G, M, Dv)
-    dp = xp.reshape(gg @ vc.mT, p.shape)                                 # (..., H, N, M)
+    dout_g = grouped(dout_c, Dv)                                         # (..., G, R*N, Dv)
+    dv = grouped(p_d, M).mT @ dout_g                                     # (..., G, M, Dv)
+    dp = xp.reshape(dout_g @ vc.mT, p.shape)                             # (..., H, N, M)
     # step 4, dropout: eq. (3.8)
     if keep is not None:
         dp = _dropout(xp, dp, keep, dropout_p)
@@ -391,11 +391,11 @@ def _attend_backward(xp, dout, q, k, v, p, keep, t, sc: Scores, dropout_p, want_
     ds *= p                                                              # ds = p * (dp - rowsum(p * dp))
     # step 2, the score pipeline: additive terms pass ds through (dmask, eq. (13.5)); softcap
     # multiplies it by 1 - tanh^2 (eq. (13.6))
-    dmask = mask_grad_block(xp, sc, _grouped5(xp, ds, sc), (0, n)) if want_dmask else None
+    dmask = mask_grad_block(xp, sc, _grouped5(xp, ds, sc), (0, N)) if want_dmask else None
     ds = softcap_backward(ds, t)
     # step 1, s = scale * q k^T: eq. (3.10)
-    dsg = grouped(ds, m)                                                 # (..., G, R*N, M)
+    dsg = grouped(ds, M)                                                 # (..., G, R*N, M)
     dq = xp.reshape(sc.scale * (dsg @ kc), q.shape)                      # (..., H, N, D)
-    dk = sc.scale * (dsg.mT @ grouped(qc, d))                            # (..., G, M, D)  eq. (3.11)
-    grads = (dq, xp.reshape(dk, k.shape), xp.reshape(dv_, v.shape))
+    dk = sc.scale * (dsg.mT @ grouped(qc, D))                            # (..., G, M, D)  eq. (3.11)
+    grads = (dq, xp.reshape(dk, k.shape), xp.reshape(dv, v.shape))
     return grads + (dmask,) if want_dmask else grads

@@ -111,10 +111,10 @@ class _Tiles:
 
     def __init__(self, xp, q, k, sc: Scores, block_q, block_k):
         self.xp, self.sc = xp, sc
-        self.n, self.m = q.shape[-2], k.shape[-2]
+        self.N, self.M = q.shape[-2], k.shape[-2]
         self.lead, self.G, self.R = sc.lead, sc.G, sc.R
-        self.rows = [(i0, min(i0 + block_q, self.n)) for i0 in range(0, self.n, block_q)]
-        self.cols = [(j0, min(j0 + block_k, self.m)) for j0 in range(0, self.m, block_k)]
+        self.rows = [(i0, min(i0 + block_q, self.N)) for i0 in range(0, self.N, block_q)]
+        self.cols = [(j0, min(j0 + block_k, self.M)) for j0 in range(0, self.M, block_k)]
         self.neg_inf = xp.asarray(-xp.inf, dtype=compute_dtype(xp, q.dtype), device=device(q))
         self.like = q
 
@@ -144,7 +144,7 @@ class _Tiles:
         """q-side ``(..., H, N, C)`` -> ``(..., G, R, N, C)``, once per array: free for a contiguous
         array, one copy for a strided view (e.g. heads split from ``(B, N, H, D)``), instead of a
         copy of the whole array per tile."""
-        return self.xp.reshape(a, self.lead + (self.G, self.R, self.n, a.shape[-1]))
+        return self.xp.reshape(a, self.lead + (self.G, self.R, self.N, a.shape[-1]))
 
     def split(self, a5, rows):
         """Grouped ``(..., G, R, N, C)`` -> tile ``(..., G, R*bq, C)`` (a view when R == 1)."""
@@ -158,7 +158,7 @@ class _Tiles:
 
     def zeros5(self, c, dtype):
         """A q-side ``(..., G, R, N, C)`` output, filled tile by tile (its reshape to ``(..., H, N, C)`` is free)."""
-        return self.xp.zeros(self.lead + (self.G, self.R, self.n, c), dtype=dtype, device=device(self.like))
+        return self.xp.zeros(self.lead + (self.G, self.R, self.N, c), dtype=dtype, device=device(self.like))
 
     def heads(self, x, rows):
         """A row statistic ``(..., G, R*bq, 1)`` as ``(..., H, bq)`` (a view), for ``FlashTile``."""
@@ -180,7 +180,7 @@ DEFAULT_BLOCK = 256
 TILES_PER_WORKER = 2
 
 
-def default_tiling(xp, n: int, block_q, block_k, workers):
+def default_tiling(xp, N: int, block_q, block_k, workers):
     """The tiled op's ``None`` arguments resolved: ``block_q = block_k = DEFAULT_BLOCK`` and
     ``workers`` = the usable cores (NumPy with threadpoolctl; see ``backend.default_workers``) but no
     more than ``ceil(N / block_q) // TILES_PER_WORKER``, at least 1. Explicit values are checked
@@ -188,7 +188,7 @@ def default_tiling(xp, n: int, block_q, block_k, workers):
     block_q = DEFAULT_BLOCK if block_q is None else check_block("block_q", block_q)
     block_k = DEFAULT_BLOCK if block_k is None else check_block("block_k", block_k)
     if workers is None:
-        workers = max(1, min(default_workers(xp), -(-n // block_q) // TILES_PER_WORKER))
+        workers = max(1, min(default_workers(xp), -(-N // block_q) // TILES_PER_WORKER))
     else:
         workers = check_workers(xp, workers)
     return block_q, block_k, workers
@@ -244,14 +244,14 @@ def flash_attention_forward(q, k, v, *, mask=None, causal=False, scale=None, sof
                                          shift=cache.shift[0, ...], inv_l=cache.inv_l[0, ...])
     sc = make_scores(xp, q, k, mask=mask, causal=causal, scale=scale, softcap=softcap, alibi_slopes=alibi_slopes,
                      window=window, G=G, R=R)
-    scale, mask, dv = sc.scale, sc.mask, v.shape[-1]
+    scale, mask, Dv = sc.scale, sc.mask, v.shape[-1]
     t = _Tiles(xp, q, k, sc, block_q, block_k)
     qc = to_compute(xp, q)
     kc, vc = to_compute(xp, k), to_compute(xp, v)
     zero = xp.zeros_like(t.neg_inf)
     q5 = t.grouped(qc)                                                      # (..., G, R, N, D)
 
-    o5, lse5 = t.zeros5(dv, zero.dtype), t.zeros5(1, zero.dtype)          # (..., G, R, N, Dv|1)
+    o5, lse5 = t.zeros5(Dv, zero.dtype), t.zeros5(1, zero.dtype)          # (..., G, R, N, Dv|1)
     shift5, inv_l5 = t.zeros5(1, zero.dtype), t.zeros5(1, zero.dtype)    # (..., G, R, N, 1): m and 1/l
 
     def query_tiles(w, share):                        # query tiles are independent: eq. (4.11)
@@ -292,7 +292,7 @@ def flash_attention_forward(q, k, v, *, mask=None, causal=False, scale=None, sof
             inv_l5[..., rows[0]:rows[1], :] = t.unsplit(inv_l, rows)
 
     run_grid(query_tiles, _shares(len(t.rows), workers))
-    o = xp.astype(xp.reshape(o5, tuple(q.shape[:-1]) + (dv,)), q.dtype, copy=False)   # (..., H, N, Dv)
+    o = xp.astype(xp.reshape(o5, tuple(q.shape[:-1]) + (Dv,)), q.dtype, copy=False)   # (..., H, N, Dv)
     lse, shift, inv_l = (xp.reshape(a, tuple(q.shape[:-1])) for a in (lse5, shift5, inv_l5))   # (..., H, N)
     return o, FlashCache(q=q, k=k, v=v, o=o, lse=lse, mask=mask, causal=causal, scale=scale,
                          block_q=block_q, block_k=block_k, workers=workers, sc=sc, shift=shift, inv_l=inv_l)
@@ -338,29 +338,29 @@ def flash_attention_backward(dout, cache: FlashCache, *, dlse=None, mask_grad: b
                                shift=cache.shift[None, ...], inv_l=cache.inv_l[None, ...])
         grads = flash_attention_backward(dout[None, ...], inner, dlse=None if dlse is None else dlse[None, ...],
                                          mask_grad=mask_grad, workers=workers)
-        return tuple(g[0, ...] for g in grads[:3]) + tuple(grads[3:])       # dmask is in the mask's shape
-    d = q.shape[-1]
+        return tuple(a[0, ...] for a in grads[:3]) + tuple(grads[3:])       # dmask is in the mask's shape
+    D = q.shape[-1]
     t = _Tiles(xp, q, k, sc, block_q, block_k)
     ct = compute_dtype(xp, q.dtype)
     qc = to_compute(xp, q)
-    kc, vc, g = to_compute(xp, k), to_compute(xp, v), to_compute(xp, dout)
+    kc, vc, dout_c = to_compute(xp, k), to_compute(xp, v), to_compute(xp, dout)
 
     # eq. (5.3): delta = rowsum(dout * o) = rowsum(p * dp), O(N Dv) instead of O(N M); eq. (5.6): - dlse
-    delta = xp.sum(g * to_compute(xp, o), axis=-1, keepdims=True)          # (..., H, N, 1)
+    delta = xp.sum(dout_c * to_compute(xp, o), axis=-1, keepdims=True)     # (..., H, N, 1)
     if dlse is not None:
         delta = delta - xp.astype(dlse, ct)[..., None]
     # eq. (5.4) as exp(s - m) / l with the forward's own m and 1/l: the same p, without lse = m + log l,
     # which loses |m| eps in float32 at large scores; a row that saw no key has m = 0 and 1/l = 0: p = 0
     shift5, inv_l5 = (t.grouped(a[..., None]) for a in (cache.shift, cache.inv_l))   # (..., G, R, N, 1)
-    q5, g5, delta5 = (t.grouped(a) for a in (qc, g, delta))                          # (..., G, R, N, C)
-    per_row = [(t.split(q5, rows), t.split(g5, rows), t.split(shift5, rows), t.split(inv_l5, rows),
+    q5, dout5, delta5 = (t.grouped(a) for a in (qc, dout_c, delta))                  # (..., G, R, N, C)
+    per_row = [(t.split(q5, rows), t.split(dout5, rows), t.split(shift5, rows), t.split(inv_l5, rows),
                 t.split(delta5, rows)) for rows in t.rows]   # q-side tiles, sliced once (views when R == 1)
 
     # outputs written tile by tile; rows and keys no tile reaches keep their gradient 0
     shares = _shares(len(t.cols), workers)
-    dq5s = [t.zeros5(d, ct) for _ in shares]                               # (..., G, R, N, D) per share
+    dq5s = [t.zeros5(D, ct) for _ in shares]                               # (..., G, R, N, D) per share
     dk = xp.zeros(tuple(k.shape), dtype=ct, device=device(q))               # (..., G, M, D)
-    dv_ = xp.zeros(tuple(v.shape), dtype=ct, device=device(q))              # (..., G, M, Dv)
+    dv = xp.zeros(tuple(v.shape), dtype=ct, device=device(q))               # (..., G, M, Dv)
     # dmask in the padded mask's shape: one array shared by the workers when the mask has a key axis
     # (each worker owns its key tiles' columns), one per worker when the mask is broadcast along keys
     # (then it is at most (..., N, 1), and the partials are summed in a fixed order like dq's)
@@ -402,7 +402,7 @@ def flash_attention_backward(dout, cache: FlashCache, *, dlse=None, mask_grad: b
                 dq5[..., rows[0]:rows[1], :] = dq_i + t.unsplit(ds @ k_j, rows)   # (..., G, R, bq, D)
             if dk_j is not None:
                 dk[..., cols[0]:cols[1], :] = dk_j
-                dv_[..., cols[0]:cols[1], :] = dv_j
+                dv[..., cols[0]:cols[1], :] = dv_j
 
     run_grid(key_tiles, shares)
     dq5 = dq5s[0]
@@ -411,7 +411,7 @@ def flash_attention_backward(dout, cache: FlashCache, *, dlse=None, mask_grad: b
     dq5 *= scale                                      # eq. (5.5): dq = scale * sum of ds k_j
     dq = xp.reshape(dq5, tuple(q.shape))                                    # (..., H, N, D)
     dt = q.dtype
-    grads = tuple(xp.astype(a, dt, copy=False) for a in (dq, dk, dv_))
+    grads = tuple(xp.astype(a, dt, copy=False) for a in (dq, dk, dv))
     if want_dmask:
         total = dmasks[0]
         for part in dmasks[1:]:                       # per-worker partials, in a fixed order

@@ -74,15 +74,15 @@ def linear_backward(dout, cache: LinearCache):
     xp = namespace(dout=dout, x=x)
     check_dout(xp, dout, tuple(x.shape[:-1]) + (w.shape[1],), x.dtype)
     e_in, e_out = w.shape
-    g, xc, wc = to_compute(xp, dout), to_compute(xp, x), to_compute(xp, w)
+    dout_c, xc, wc = to_compute(xp, dout), to_compute(xp, x), to_compute(xp, w)
 
-    dx = g @ wc.mT                                           # (..., E_in)    eq. (1.3)
+    dx = dout_c @ wc.mT                                      # (..., E_in)    eq. (1.3)
     # every leading index is a row P that used the same w and b: their gradients add up
     rows = math.prod(x.shape[:-1])
     x2 = xp.reshape(xc, (rows, e_in))                        # (P, E_in)
-    g2 = xp.reshape(g, (rows, e_out))                        # (P, E_out)
-    dw = x2.mT @ g2                                          # (E_in, E_out)  eq. (1.4)
-    db = xp.sum(g2, axis=0) if has_bias else None            # (E_out,)       eq. (1.5)
+    dout2 = xp.reshape(dout_c, (rows, e_out))                # (P, E_out)
+    dw = x2.mT @ dout2                                       # (E_in, E_out)  eq. (1.4)
+    db = xp.sum(dout2, axis=0) if has_bias else None         # (E_out,)       eq. (1.5)
 
     dt = x.dtype
     return tuple(None if a is None else xp.astype(a, dt, copy=False) for a in (dx, dw, db))

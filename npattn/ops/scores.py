@@ -24,14 +24,14 @@ from ..backend import check_float, check_mask, check_scale, compute_dtype, devic
 __all__ = ["Scores", "make_scores", "causal_offset", "softcap_backward", "mask_grad_block"]
 
 
-def causal_offset(causal, n: int, m: int) -> Optional[int]:
+def causal_offset(causal, N: int, M: int) -> Optional[int]:
     """``j <= i + offset`` for causal attention: bottom-right (``True`` or ``"bottom-right"``,
     FlashAttention >= 2.1) is ``M - N``, ``"top-left"`` (torch's ``is_causal``) is 0; None when not
     causal. Anything else is an error. Derivation: derivations/03-attention.md, eq. (3.3)."""
     if causal is False:
         return None
     if causal is True or causal == "bottom-right":
-        return m - n
+        return M - N
     if causal == "top-left":
         return 0
     if isinstance(causal, str):
@@ -42,8 +42,8 @@ def causal_offset(causal, n: int, m: int) -> Optional[int]:
 class Scores(NamedTuple):
     """The validated score pipeline of one attention call (everything but q and k)."""
 
-    n: int
-    m: int
+    N: int
+    M: int
     scale: float
     softcap: Optional[float]
     mask: object                     # padded to the scores' ndim (..., H, N, M), or None
@@ -104,7 +104,7 @@ class Scores(NamedTuple):
         if self.slopes is not None:                                        # 3. ALiBi, eq. (13.2)
             i = xp.arange(i0, i1, dtype=s5.dtype, device=dev)[:, None]     # (bq, 1)
             j = xp.arange(j0, j1, dtype=s5.dtype, device=dev)[None, :]     # (1, bk)
-            s5 = s5 - self.slopes * xp.abs(i + (self.m - self.n) - j)      # (..., G, R, bq, bk)
+            s5 = s5 - self.slopes * xp.abs(i + (self.M - self.N) - j)      # (..., G, R, bq, bk)
         if not self.covered(rows, cols):                                   # 4. the band, eq. (13.3)
             i = xp.arange(i0, i1, device=dev)[:, None]
             j = xp.arange(j0, j1, device=dev)[None, :]
@@ -122,12 +122,12 @@ class Scores(NamedTuple):
 
 def make_scores(xp, q, k, *, mask, causal, scale, softcap, alibi_slopes, window, G, R) -> Scores:
     """Validate the score pipeline's arguments against ``q (..., H, N, D)``, ``k (..., G, M, D)``."""
-    n, m = q.shape[-2], k.shape[-2]
+    N, M = q.shape[-2], k.shape[-2]
     ct = compute_dtype(xp, q.dtype)
-    scores_shape = tuple(q.shape[:-1]) + (m,)
+    scores_shape = tuple(q.shape[:-1]) + (M,)
     mask_shape = None if mask is None else tuple(mask.shape)
     mask = check_mask(xp, mask, scores_shape, q.dtype)
-    c_off = causal_offset(causal, n, m)
+    c_off = causal_offset(causal, N, M)
     if softcap is not None:
         if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real) or not math.isfinite(softcap):
             raise TypeError(f"softcap must be a finite real number or None, got {softcap!r}")
@@ -146,8 +146,8 @@ def make_scores(xp, q, k, *, mask, causal, scale, softcap, alibi_slopes, window,
             if value < 0:
                 raise ValueError(f"window's {side} side must be >= 0, got {value}")
         left, right = window
-        lo = None if left is None else (m - n) - int(left)
-        hi = None if right is None else (m - n) + int(right)
+        lo = None if left is None else (M - N) - int(left)
+        hi = None if right is None else (M - N) + int(right)
     if c_off is not None:
         hi = c_off if hi is None else min(hi, c_off)
     lead = tuple(q.shape[:-3])
@@ -161,7 +161,7 @@ def make_scores(xp, q, k, *, mask, causal, scale, softcap, alibi_slopes, window,
             raise ValueError(f"alibi_slopes of shape {shape} does not broadcast to the heads {heads}")
         full = xp.broadcast_to(xp.astype(slopes, ct), heads)
         slopes = xp.reshape(full, lead + (G, R, 1, 1))                    # (..., G, R, 1, 1)
-    return Scores(n=n, m=m, scale=check_scale(scale, q.shape[-1]), softcap=softcap, mask=mask,
+    return Scores(N=N, M=M, scale=check_scale(scale, q.shape[-1]), softcap=softcap, mask=mask,
                   mask_shape=mask_shape, slopes=slopes,
                   lo=lo, hi=hi, lead=lead, G=G, R=R, like=q)
 
@@ -177,9 +177,9 @@ def mask_grad_block(xp, sc: Scores, ds5, rows):
     (``rows``, or ``0:1`` if the mask has one row) and columns."""
     mask = sc.mask
     shape5 = tuple(ds5.shape)
-    h = shape5[:-4] + (sc.G * sc.R,) + shape5[-2:]
-    d = xp.reshape(ds5, h)                                                   # (..., H, bq, bk)
-    axes = tuple(a for a in range(d.ndim) if mask.shape[a] == 1 and d.shape[a] != 1)
+    shape = shape5[:-4] + (sc.G * sc.R,) + shape5[-2:]
+    ds = xp.reshape(ds5, shape)                                              # (..., H, bq, bk)
+    axes = tuple(a for a in range(ds.ndim) if mask.shape[a] == 1 and ds.shape[a] != 1)
     if axes:
-        d = xp.sum(d, axis=axes, keepdims=True)
-    return d
+        ds = xp.sum(ds, axis=axes, keepdims=True)
+    return ds

@@ -113,9 +113,9 @@ def softmax_backward(dout, cache: SoftmaxCache):
     y, axis = cache
     xp = namespace(dout=dout, y=y)
     check_dout(xp, dout, y.shape, y.dtype)
-    yc, g = to_compute(xp, y), to_compute(xp, dout)
+    yc, dout_c = to_compute(xp, y), to_compute(xp, dout)
     # step 4 (y = e / l) and steps 1-3 together: eq. (2.7)
-    dx = yc * (g - xp.sum(g * yc, axis=axis, keepdims=True))  # (..., n)
+    dx = yc * (dout_c - xp.sum(dout_c * yc, axis=axis, keepdims=True))  # (..., n)
     return xp.astype(dx, y.dtype, copy=False)
 
 
@@ -208,6 +208,6 @@ def log_softmax_backward(dout, cache: LogSoftmaxCache):
     y, axis = cache
     xp = namespace(dout=dout, y=y)
     check_dout(xp, dout, y.shape, y.dtype)
-    g, p = to_compute(xp, dout), xp.exp(to_compute(xp, y))    # p = exp(y) = softmax(x)
-    dx = g - p * xp.sum(g, axis=axis, keepdims=True)          # (..., n)   eq. (10.2)
+    dout_c, p = to_compute(xp, dout), xp.exp(to_compute(xp, y))  # p = exp(y) = softmax(x)
+    dx = dout_c - p * xp.sum(dout_c, axis=axis, keepdims=True)  # (..., n)   eq. (10.2)
     return xp.astype(dx, y.dtype, copy=False)
