@@ -48,7 +48,7 @@ def test_every_chapter_exists():
     names = [p.name for p in DERIVATIONS]
     for prefix in ("00-notation", "01-linear", "02-softmax", "03-attention", "04-online-softmax", "05-flash-backward",
                    "06-multihead", "07-layernorm", "08-activations", "09-embeddings-positions", "10-cross-entropy",
-                   "11-transformer-block", "12-kv-cache"):
+                   "11-transformer-block", "12-kv-cache", "13-variants", "14-parallel-tiles"):
         assert f"{prefix}.md" in names
 
 

@@ -62,7 +62,7 @@ class FlashCache(NamedTuple):
     """Saved by the forward: the inputs, the output ``o`` and the log-sum-exp ``lse`` per query row.
 
     No array here has ``N*M`` elements (a mask is the caller's own array, kept by reference):
-    O(N (D + Dv)) per head, derivations/05-flash-backward.md, eq. (5.8). The backward recomputes
+    O(N (D + Dv)) per head, derivations/05-flash-backward.md, eq. (5.7). The backward recomputes
     every tile of ``p = exp(s - lse) = exp(s - m) / l`` from q, k and the row statistics ``shift``
     (m) and ``inv_l`` (1/l), eq. (5.1).
     """
@@ -213,9 +213,9 @@ def flash_attention_forward(q, k, v, *, mask=None, causal=False, scale=None, sof
         threads, key tiles in order within a query tile, query tiles interleaved.
     workers : int >= 1 or None
         Threads for the outer loop, as FlashAttention-2 spreads query tiles over thread blocks
-        (eq. (4.11)); each query tile is still computed exactly as with 1 worker, so ``o`` and
-        ``lse`` are bitwise the same. More than 1 needs threadpoolctl (BLAS runs single-threaded
-        meanwhile) and host arrays. None: the cores, capped so each worker gets two query tiles
+        (derivations/14-parallel-tiles.md, eq. (14.1)); each query tile is still computed exactly
+        as with 1 worker, so ``o`` and ``lse`` are bitwise the same. More than 1 needs
+        threadpoolctl (BLAS runs single-threaded meanwhile) and host arrays. None: the cores, capped so each worker gets two query tiles
         (``default_tiling``). Also the backward's default.
 
     Returns
@@ -254,7 +254,7 @@ def flash_attention_forward(q, k, v, *, mask=None, causal=False, scale=None, sof
     o5, lse5 = t.zeros5(Dv, zero.dtype), t.zeros5(1, zero.dtype)          # (..., G, R, N, Dv|1)
     shift5, inv_l5 = t.zeros5(1, zero.dtype), t.zeros5(1, zero.dtype)    # (..., G, R, N, 1): m and 1/l
 
-    def query_tiles(w, share):                        # query tiles are independent: eq. (4.11)
+    def query_tiles(w, share):                        # query tiles are independent: eq. (14.1)
         for i in share:
             rows = t.rows[i]
             q_i = t.split(q5, rows) * scale                                 # (..., G, R*bq, D), scaled once per tile
@@ -314,7 +314,8 @@ def flash_attention_backward(dout, cache: FlashCache, *, dlse=None, mask_grad: b
     workers : int >= 1, optional
         Threads for the outer (key tile) loop, as FlashAttention-2 spreads key tiles over thread
         blocks; each share of key tiles adds into its own dq, and the shares are summed in a fixed
-        order, eq. (5.7), so results do not depend on timing. Defaults to the forward's ``workers``.
+        order (derivations/14-parallel-tiles.md, eq. (14.2)), so results do not depend on timing.
+        Defaults to the forward's ``workers``.
 
     Derivation: derivations/05-flash-backward.md, eq. (5.1) (p from the forward's statistics),
     eqs. (5.2)-(5.3) (chapter 3's backward, and delta = rowsum(dout * o)), eqs. (5.4)-(5.6) (the
@@ -367,7 +368,7 @@ def flash_attention_backward(dout, cache: FlashCache, *, dlse=None, mask_grad: b
     n_dmask = 0 if not want_dmask else (1 if sc.mask.shape[-1] != 1 else len(shares))
     dmasks = [xp.zeros(tuple(sc.mask.shape), dtype=ct, device=device(q)) for _ in range(n_dmask)]
 
-    def key_tiles(w, share):                          # key tiles own dk_j, dv_j; dq is shared: eq. (5.7)
+    def key_tiles(w, share):                          # key tiles own dk_j, dv_j; dq is shared: eq. (14.2)
         dq5 = dq5s[w]                                 # this share's partial dq
         dmask = dmasks[min(w, len(dmasks) - 1)] if dmasks else None
         for j in share:
@@ -406,7 +407,7 @@ def flash_attention_backward(dout, cache: FlashCache, *, dlse=None, mask_grad: b
 
     run_grid(key_tiles, shares)
     dq5 = dq5s[0]
-    for part in dq5s[1:]:                             # eq. (5.7): the shares' dq, summed in a fixed order
+    for part in dq5s[1:]:                             # eq. (14.2): the shares' dq, summed in a fixed order
         dq5 += part                                   # in place: our own buffer, no N x D temporary
     dq5 *= scale                                      # eq. (5.5): dq = scale * sum of ds k_j
     dq = xp.reshape(dq5, tuple(q.shape))                                    # (..., H, N, D)

@@ -206,7 +206,7 @@ def test_bad_backward_arguments(rng):
         flash_attention_forward(q, k[:, :1].repeat(3, 1), v[:, :1].repeat(3, 1))
 
 
-# --- workers: FlashAttention-2's parallel grid on CPU threads (derivations 04, eq. (4.11); 05, eq. (5.7))
+# --- workers: FlashAttention-2's parallel grid on CPU threads (derivations/14-parallel-tiles.md, eqs. (14.1)-(14.2))
 
 def run_pair(q, k, v, dout, workers, **kwargs):
     o, cache = flash_attention_forward(q, k, v, workers=workers, **kwargs)
