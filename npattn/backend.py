@@ -22,8 +22,8 @@ from array_api_compat import (
     array_namespace,
     device,
     is_array_api_obj,
+    is_array_api_strict_namespace,
     is_cupy_array,
-    is_cupy_namespace,
     is_torch_array,
 )
 
@@ -43,6 +43,7 @@ __all__ = [
     "check_scale",
     "check_block",
     "check_workers",
+    "on_host",
     "can_limit_blas",
     "one_blas_thread",
     "run_grid",
@@ -51,6 +52,7 @@ __all__ = [
     "from_numpy",
     "device",
     "to_numpy",
+    "read_back",
 ]
 
 
@@ -169,15 +171,32 @@ def check_block(name: str, value) -> int:
     return int(value)
 
 
-def check_workers(xp, workers) -> int:
+def on_host(x) -> bool:
+    """True for an array in host memory (NumPy, torch on the CPU, array_api_strict on its CPU
+    device), False for one on a device (CuPy, torch CUDA, array_api_strict's other devices). Given a
+    namespace instead of an array: True for NumPy and array_api_strict."""
+    if not is_array_api_obj(x):
+        return getattr(x, "__name__", "").split(".")[-1] in ("numpy", "array_api_strict")
+    if is_cupy_array(x):
+        return False
+    if is_torch_array(x):
+        return x.device.type == "cpu"
+    where = str(device(x))
+    return where == "cpu" or "CPU_DEVICE" in where
+
+
+def check_workers(like, workers) -> int:
     """Threads for the tiled op's outer tile loop: an int >= 1. More than 1 is for arrays in host
-    memory (a GPU already runs every tile in parallel) and needs threadpoolctl, see ``one_blas_thread``."""
+    memory (a GPU already runs every tile in parallel) and needs threadpoolctl, see ``one_blas_thread``.
+    ``like`` is an input array (or a namespace), to tell host from device."""
     if isinstance(workers, bool) or not isinstance(workers, numbers.Integral):
         raise TypeError(f"workers must be an int, got {workers!r}")
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
-    if workers > 1 and is_cupy_namespace(xp):
-        raise ValueError(f"workers > 1 runs tiles on CPU threads; CuPy arrays need workers=1, got {workers}")
+    if workers > 1 and not on_host(like):
+        where = device(like) if is_array_api_obj(like) else like
+        raise ValueError(f"workers > 1 runs tiles on CPU threads; arrays on a device ({where}) need workers=1, "
+                         f"got {workers}")
     if workers > 1 and not can_limit_blas():
         raise ModuleNotFoundError(
             f"workers={workers} needs threadpoolctl, to keep BLAS on one thread inside each worker "
@@ -216,7 +235,7 @@ def run_grid(run_share, shares):
     """FlashAttention-2's parallel grid on CPU threads: ``run_share(w, shares[w])`` for each share,
     on its own thread when there are several (BLAS kept to one thread meanwhile, so each worker uses
     one core), else inline. Used by the tiled op's tile loops and by the naive op's head slices.
-    Derivation: derivations/05-flash-backward.md, eq. (5.7)."""
+    Derivation: derivations/14-parallel-tiles.md, eqs. (14.1)-(14.2)."""
     if len(shares) == 1:
         run_share(0, shares[0])
         return
@@ -238,11 +257,13 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def default_workers(xp) -> int:
-    """``workers=None``: every usable core for NumPy arrays when threadpoolctl can hold BLAS to one
-    thread per worker; else 1 (a GPU runs every tile at once; torch and others thread internally).
+def default_workers(like) -> int:
+    """``workers=None``: every usable core for NumPy (or array_api_strict) arrays in host memory when
+    threadpoolctl can hold BLAS to one thread per worker; else 1 (a GPU runs every tile at once;
+    torch and others thread internally). ``like``: an input array or a namespace.
     Measured in benchmarks/RESULTS.md, "Defaults"."""
-    if can_limit_blas() and xp.__name__.split(".")[-1] in ("numpy", "array_api_strict"):
+    library = array_namespace(like) if is_array_api_obj(like) else like
+    if can_limit_blas() and on_host(like) and library.__name__.split(".")[-1] in ("numpy", "array_api_strict"):
         return usable_cores()
     return 1
 
@@ -306,4 +327,14 @@ def to_numpy(x) -> np.ndarray:
         return x.get()
     if is_torch_array(x):
         return x.detach().cpu().numpy()
+    if is_array_api_strict_namespace(array_namespace(x)):   # any of its devices: an explicit copy to the CPU
+        return np.asarray(x.to_device(x.__array_namespace__().Device("CPU_DEVICE")))
     return np.asarray(x)
+
+
+def read_back(xp, *scalars) -> list:
+    """Python ints of a few 0-d integer results, read in one explicit transfer: the only trip to the
+    host an op makes, and only to validate integer inputs (the range of ids and class targets, and
+    how many targets count). Never inside the math, never in a loop; float data never comes back."""
+    stacked = xp.stack([xp.astype(s, xp.int64) for s in scalars])          # (len(scalars),) on the device
+    return [int(v) for v in to_numpy(stacked)]

@@ -26,7 +26,7 @@ import numbers
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
-from ..backend import check_int, device, from_numpy, namespace
+from ..backend import check_int, device, namespace
 from ..ops import embedding_backward, embedding_forward, linear_backward, linear_forward, sinusoidal_positions
 from .block import ACTIVATIONS, NORMS, block_backward, block_forward, block_params, make_block_spec, norm_backward, norm_forward
 from .params import Initializer, Layer, check_dtype_name, prefixed, sub
@@ -138,7 +138,7 @@ def gpt_forward(params, config: GPTConfig, ids, *, key_mask=None, kv_cache: Opti
         x = x + params["wpe"][t0:t0 + n, :]                                  # 2.
     elif config.positions == "sinusoidal":
         if table is None:                     # the class keeps one; a bare functional call builds it
-            table = from_numpy(xp, sinusoidal_positions(config.max_len, config.embed_dim), like=wte)
+            table = sinusoidal_positions(config.max_len, config.embed_dim, like=wte)
         x = x + xp.astype(table[t0:t0 + n, :], x.dtype)
     blocks = []
     for i in range(config.num_layers):                                       # 3.
@@ -215,16 +215,19 @@ class GPT(Layer):
         if params is None:
             params = gpt_params(config, Initializer(seed, self.dtype))
         super().__init__(params)
-        self._table = None
-        if config.positions == "sinusoidal":
-            self._table = sinusoidal_positions(config.max_len, config.embed_dim).astype(self.dtype)
+        self._table = None             # the sinusoidal table, built where the weights are (on first use)
         self._hf = None                # "gpt2" or "llama" when loaded from Hugging Face
 
     def _table_like(self, ids):
-        """The sinusoidal table in the weights' array library and device (None for other positions)."""
-        if self._table is None:
+        """The sinusoidal table in the weights' array library, device and dtype (None for other
+        positions); built on the device, once per place the weights live."""
+        if self.config.positions != "sinusoidal":
             return None
-        return from_numpy(namespace(wte=self.params["wte"]), self._table, like=self.params["wte"])
+        wte = self.params["wte"]
+        place = (type(wte), str(device(wte)), str(wte.dtype))
+        if self._table is None or self._table[0] != place:
+            self._table = (place, sinusoidal_positions(self.config.max_len, self.config.embed_dim, like=wte))
+        return self._table[1]
 
     def forward(self, ids, *, key_mask=None, kv_cache=None):
         """Logits ``(B, N, V)`` for ``ids (B, N)``. ``key_mask (B, N)`` bool marks real tokens;

@@ -201,12 +201,12 @@ def _split(q, k, workers: int) -> Optional[_Split]:
     return _Split(axis=axis, r=r, ranges=list(zip(cuts[:-1], cuts[1:])))
 
 
-def resolve_naive_workers(xp, workers, scores: int) -> int:
+def resolve_naive_workers(like, workers, scores: int) -> int:
     """``workers=None``: every core (see ``backend.default_workers``) once the scores have at least
     ``NAIVE_THREADS_MIN_SCORES`` entries, else 1. Explicit values are checked and honored."""
     if workers is None:
-        return default_workers(xp) if scores >= NAIVE_THREADS_MIN_SCORES else 1
-    return check_workers(xp, workers)
+        return default_workers(like) if scores >= NAIVE_THREADS_MIN_SCORES else 1
+    return check_workers(like, workers)
 
 
 def attention_forward(q, k, v, *, mask=None, causal=False, scale=None, dropout_p=0.0, rng=None, softcap=None,
@@ -260,7 +260,7 @@ def attention_forward(q, k, v, *, mask=None, causal=False, scale=None, dropout_p
     scores_shape = tuple(q.shape[:-1]) + (M,)                             # (..., H, N, M)
     sc = make_scores(xp, q, k, mask=mask, causal=causal, scale=scale, softcap=softcap,
                      alibi_slopes=alibi_slopes, window=window, G=G, R=R)
-    workers = resolve_naive_workers(xp, workers, math.prod(scores_shape))
+    workers = resolve_naive_workers(q, workers, math.prod(scores_shape))
     keep = None
     if dropout_p > 0.0:                                                   # drawn whole, so shares don't matter
         keep = from_numpy(xp, host_rng(rng).random(scores_shape) >= dropout_p, like=q)   # (..., H, N, M)
@@ -329,7 +329,7 @@ def attention_backward(dout, cache: AttentionCache, *, mask_grad: bool = False, 
     xp = namespace(dout=dout, q=q)
     check_dout(xp, dout, tuple(q.shape[:-1]) + (v.shape[-1],), q.dtype)
     want_dmask = _check_mask_grad(xp, mask_grad, sc)
-    workers = cache_workers if workers is None else check_workers(xp, workers)
+    workers = cache_workers if workers is None else check_workers(q, workers)
     split = _split(q, k, workers)
     if split is None:
         grads = _attend_backward(xp, dout, q, k, v, p, keep, t, sc, dropout_p, want_dmask)

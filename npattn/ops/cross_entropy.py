@@ -19,7 +19,7 @@ import math
 import numbers
 from typing import NamedTuple
 
-from ..backend import check_cache, check_float, compute_dtype, device, namespace, to_compute
+from ..backend import check_cache, check_float, compute_dtype, device, namespace, read_back, to_compute
 from .softmax import _stable_log_softmax
 
 __all__ = ["cross_entropy_forward", "cross_entropy_backward", "CrossEntropyCache"]
@@ -90,13 +90,16 @@ def cross_entropy_forward(logits, target, *, ignore_index: int = -100, label_smo
                              f"(class ids), got {tuple(target.shape)}")
         counted = (target != ignore_index)[..., None]                       # (..., 1)
         bad = xp.logical_and(counted[..., 0], xp.logical_or(target < 0, target >= c))
-        if bool(xp.any(bad)):
+        n_bad = count = lo = hi = 0
+        if math.prod(target.shape):                                         # one explicit host read
+            n_bad, count, lo, hi = read_back(xp, xp.sum(xp.astype(bad, xp.int64)),
+                                             xp.sum(xp.astype(counted, xp.int64)), xp.min(target), xp.max(target))
+        if n_bad:
             raise ValueError(f"target must be class ids in [0, {c}) or ignore_index={ignore_index}, "
-                             f"got values from {int(xp.min(target))} to {int(xp.max(target))}")
+                             f"got values from {lo} to {hi}")
         classes = xp.arange(c, device=device(logits))                       # (C,)
         onehot = xp.astype(target[..., None] == classes, ct)                # (..., C); ignored rows: all 0
         q = xp.where(counted, (1.0 - eps) * onehot + eps / c, xp.zeros_like(onehot))   # eq. (10.3)
-        count = int(xp.sum(xp.astype(counted, xp.int64)))
     else:
         raise TypeError(f"target must be integer class ids or float probabilities, got dtype {target.dtype}")
     # step 3, eq. (10.4): -sum q logp over counted rows / count; q is 0 on ignored rows, and

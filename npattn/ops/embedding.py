@@ -19,9 +19,9 @@ import math
 import numbers
 from typing import NamedTuple
 
-import numpy as np
+from array_api_compat import numpy as np_compat
 
-from ..backend import check_cache, check_dout, check_float, check_int, device, namespace
+from ..backend import check_cache, check_dout, check_float, check_int, device, namespace, read_back
 
 __all__ = ["embedding_forward", "embedding_backward", "EmbeddingCache", "sinusoidal_positions"]
 
@@ -41,7 +41,7 @@ def check_ids(xp, name: str, ids, vocab: int):
     """``ids`` must be integer and inside ``[0, vocab)``; the message names the bad values."""
     check_int(xp, name, ids)
     if math.prod(ids.shape) > 0:
-        lo, hi = int(xp.min(ids)), int(xp.max(ids))
+        lo, hi = read_back(xp, xp.min(ids), xp.max(ids))                    # one explicit host read
         if lo < 0 or hi >= vocab:
             raise ValueError(f"{name} must be in [0, {vocab}), got values from {lo} to {hi}")
 
@@ -93,8 +93,9 @@ def embedding_backward(dout, cache: EmbeddingCache):
     return None, dweight
 
 
-def sinusoidal_positions(n: int, dim: int, *, base: float = 10000.0):
-    """The sinusoidal position table of Vaswani et al., ``(n, dim)`` float64 NumPy.
+def sinusoidal_positions(n: int, dim: int, *, base: float = 10000.0, like=None):
+    """The sinusoidal position table of Vaswani et al., ``(n, dim)``: float64 NumPy, or with ``like``
+    an array of ``like``'s library, device and dtype (computed there in float64, then cast).
 
     Column ``2c`` holds ``sin(t / base^(2c/dim))``, column ``2c+1`` ``cos(t / base^(2c/dim))``, for
     position ``t = 0 .. n-1``. A fixed table: no parameters, no backward. Derivation:
@@ -105,7 +106,11 @@ def sinusoidal_positions(n: int, dim: int, *, base: float = 10000.0):
             raise ValueError(f"{name} must be an int >= 0, got {value!r}")
     if isinstance(base, bool) or not isinstance(base, numbers.Real) or not base > 0:
         raise ValueError(f"base must be a real number > 0, got {base!r}")
-    t = np.arange(n, dtype=np.float64)[:, None]                             # (n, 1)
-    c = np.arange(dim) // 2                                                 # pair index of each column
+    xp = np_compat if like is None else namespace(like=like)
+    dev = None if like is None else device(like)
+    t = xp.arange(n, dtype=xp.float64, device=dev)[:, None]                 # (n, 1)
+    c = xp.astype(xp.arange(dim, device=dev) // 2, xp.float64)              # pair index of each column
     angle = t / float(base) ** (2.0 * c / dim)                              # (n, dim)  eq. (9.3)
-    return np.where(np.arange(dim) % 2 == 0, np.sin(angle), np.cos(angle))
+    even = xp.arange(dim, device=dev) % 2 == 0
+    table = xp.where(even, xp.sin(angle), xp.cos(angle))                    # (n, dim)
+    return table if like is None else xp.astype(table, like.dtype)

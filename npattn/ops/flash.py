@@ -180,17 +180,18 @@ DEFAULT_BLOCK = 256
 TILES_PER_WORKER = 2
 
 
-def default_tiling(xp, N: int, block_q, block_k, workers):
-    """The tiled op's ``None`` arguments resolved: ``block_q = block_k = DEFAULT_BLOCK`` and
-    ``workers`` = the usable cores (NumPy with threadpoolctl; see ``backend.default_workers``) but no
+def default_tiling(like, N: int, block_q, block_k, workers):
+    """The tiled op's ``None`` arguments resolved for inputs like ``like`` (an array or a namespace):
+    ``block_q = block_k = DEFAULT_BLOCK`` and ``workers`` = the usable cores (host NumPy with
+    threadpoolctl; see ``backend.default_workers``) but no
     more than ``ceil(N / block_q) // TILES_PER_WORKER``, at least 1. Explicit values are checked
     and honored. Depends only on the shapes and the machine, so results are reproducible run to run."""
     block_q = DEFAULT_BLOCK if block_q is None else check_block("block_q", block_q)
     block_k = DEFAULT_BLOCK if block_k is None else check_block("block_k", block_k)
     if workers is None:
-        workers = max(1, min(default_workers(xp), -(-N // block_q) // TILES_PER_WORKER))
+        workers = max(1, min(default_workers(like), -(-N // block_q) // TILES_PER_WORKER))
     else:
-        workers = check_workers(xp, workers)
+        workers = check_workers(like, workers)
     return block_q, block_k, workers
 
 
@@ -231,7 +232,7 @@ def flash_attention_forward(q, k, v, *, mask=None, causal=False, scale=None, sof
     """
     xp = namespace(q=q, k=k, v=v, mask=mask)
     G, R = check_qkv(xp, q, k, v)
-    block_q, block_k, workers = default_tiling(xp, q.shape[-2], block_q, block_k, workers)
+    block_q, block_k, workers = default_tiling(q, q.shape[-2], block_q, block_k, workers)
     if on_tile is not None and not callable(on_tile):
         raise TypeError(f"on_tile must be callable or None, got {on_tile!r}")
     if q.ndim == 2:                                   # one head: run as (1, N, D) and drop the axis
@@ -325,7 +326,7 @@ def flash_attention_backward(dout, cache: FlashCache, *, dlse=None, mask_grad: b
     q, k, v, o, lse, sc = cache.q, cache.k, cache.v, cache.o, cache.lse, cache.sc
     scale, block_q, block_k = cache.scale, cache.block_q, cache.block_k
     xp = namespace(dout=dout, q=q, dlse=dlse)
-    workers = check_workers(xp, cache.workers if workers is None else workers)
+    workers = check_workers(q, cache.workers if workers is None else workers)
     check_dout(xp, dout, o.shape, o.dtype)
     want_dmask = _check_mask_grad(xp, mask_grad, sc)
     if dlse is not None:
