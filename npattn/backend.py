@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import math
 import numbers
 import os
@@ -49,10 +50,14 @@ __all__ = [
     "run_grid",
     "default_workers",
     "host_rng",
+    "keep_mask",
     "from_numpy",
     "device",
     "to_numpy",
     "read_back",
+    "LIBRARIES",
+    "library",
+    "move",
 ]
 
 
@@ -301,11 +306,7 @@ def check_mask(xp, mask, scores_shape: tuple, dtype):
 
 
 def host_rng(rng) -> np.random.Generator:
-    """A NumPy Generator from ``rng`` (a Generator, an int seed, or None for fresh entropy).
-
-    Dropout masks are drawn on the host with NumPy so that one seed gives the same mask on
-    every array library; they are then moved to the inputs' library with ``from_numpy``.
-    """
+    """A NumPy Generator from ``rng`` (a Generator, an int seed, or None for fresh entropy)."""
     if rng is None or (isinstance(rng, numbers.Integral) and not isinstance(rng, bool)):
         if rng is not None and rng < 0:
             raise ValueError(f"rng must be a non-negative int seed, a numpy.random.Generator or None, got {rng}")
@@ -313,6 +314,37 @@ def host_rng(rng) -> np.random.Generator:
     if isinstance(rng, np.random.Generator):
         return rng
     raise TypeError(f"rng must be a numpy.random.Generator, an int seed or None, got {type(rng).__name__}")
+
+
+def keep_mask(xp, shape: tuple, dropout_p: float, rng, like):
+    """Dropout's mask ``z`` (bool ``shape``, True = keep, each with probability ``1 - dropout_p``) on
+    the device of ``like``; a uniform draw ``u`` per entry, kept where ``u >= dropout_p``.
+
+    - Host arrays (NumPy, torch on the CPU, array_api_strict) and any ``numpy.random.Generator``:
+      NumPy's generator, so one seed gives the same mask on every host library (and, with a
+      Generator, the same mask on a device too, drawn on the host and copied over once).
+    - CuPy and torch CUDA with an int seed or None: the device's own generator (``cupy.random``'s
+      default, torch's CUDA Philox), drawn on the device. The seed fixes the mask on that library,
+      but it is a different random stream from NumPy's: the same seed gives another mask than on
+      the host (with the same keep rate).
+    - Other device libraries (the standard has no random numbers): drawn on the host, copied once.
+    """
+    if isinstance(rng, np.random.Generator) or on_host(like) or not (is_cupy_array(like) or is_torch_array(like)):
+        return from_numpy(xp, host_rng(rng).random(shape) >= dropout_p, like=like)
+    host_rng(rng)                                                             # validates the seed
+    if is_cupy_array(like):
+        import cupy
+
+        with like.device:
+            return cupy.random.default_rng(rng).random(shape) >= dropout_p
+    import torch
+
+    gen = torch.Generator(device=like.device)
+    if rng is None:
+        gen.seed()
+    else:
+        gen.manual_seed(int(rng))
+    return torch.rand(shape, generator=gen, device=like.device, dtype=torch.float64) >= dropout_p
 
 
 def from_numpy(xp, a: np.ndarray, like):
@@ -338,3 +370,25 @@ def read_back(xp, *scalars) -> list:
     how many targets count). Never inside the math, never in a loop; float data never comes back."""
     stacked = xp.stack([xp.astype(s, xp.int64) for s in scalars])          # (len(scalars),) on the device
     return [int(v) for v in to_numpy(stacked)]
+
+
+LIBRARIES = ("numpy", "array_api_strict", "torch", "cupy")
+
+
+def library(which):
+    """The array-API namespace of ``which``: one of ``LIBRARIES`` by name, or the module itself
+    (``numpy``, ``cupy``, ``torch``, ``array_api_strict``, or array_api_compat's wrapper of one).
+    A library that is not installed is a ``ModuleNotFoundError`` naming it."""
+    name = which if isinstance(which, str) else getattr(which, "__name__", "")
+    name = name.split(".")[-1]
+    if name not in LIBRARIES:
+        raise ValueError(f"the array library must be one of {LIBRARIES} (a name or the module), got {which!r}")
+    importlib.import_module(name)
+    return importlib.import_module(name if name == "array_api_strict" else f"array_api_compat.{name}")
+
+
+def move(a, xp, device=None):
+    """``a`` (any supported array) as an array of namespace ``xp`` on ``device`` (None: the library's
+    default): one explicit copy through the host, for setting a model up, never inside an op."""
+    host = to_numpy(a)
+    return xp.asarray(host) if device is None else xp.asarray(host, device=device)

@@ -12,6 +12,8 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
+from .backend import library as backend_library
+from .backend import move
 from .gradcheck import GradcheckReport, gradcheck
 from .nn.block import block_backward, block_forward, block_params, make_block_spec
 from .nn.gpt import GPTConfig, gpt_backward, gpt_forward, gpt_params
@@ -46,7 +48,7 @@ from .ops import (
     softmax_forward,
 )
 
-__all__ = ["Case", "cases", "run_case", "flash_with_lse_forward", "flash_with_lse_backward", "layer_pair",
+__all__ = ["Case", "cases", "run_case", "on_backend", "flash_with_lse_forward", "flash_with_lse_backward", "layer_pair",
            "mha_case_inputs", "block_case_inputs", "gpt_case_inputs"]
 
 
@@ -83,8 +85,8 @@ def layer_pair(forward, backward, data_names, param_names):
     """
     k = len(data_names)
 
-    def pair_forward(*arrays):
-        return forward(dict(zip(param_names, arrays[k:])), *arrays[:k])
+    def pair_forward(*arrays, **kwargs):
+        return forward(dict(zip(param_names, arrays[k:])), *arrays[:k], **kwargs)
 
     def pair_backward(dout, cache):
         d_data, grads = backward(dout, cache)
@@ -103,23 +105,24 @@ def _randomized(params: dict, rng, scale=0.5) -> dict:
 
 
 def mha_case_inputs(rng, spec: MHASpec, b, n, e, *, kdim=None, m=None, bias=True, **kwargs):
-    """``(forward, backward, inputs, {})`` for gradchecking ``mha_forward`` with its weights;
-    self-attention when ``m`` is None, else cross-attention with keys of length ``m``."""
+    """``(forward, backward, inputs, kwargs)`` for gradchecking ``mha_forward`` with its weights;
+    self-attention when ``m`` is None, else cross-attention with keys of length ``m``. ``kwargs``
+    (e.g. ``key_mask``) go to the case, so that they move with its inputs to another library."""
     params = _randomized(mha_params(Initializer(0, "float64"), e, spec.num_heads, spec.num_kv_heads,
                                     kdim or e, kdim or e, bias), rng)
     data = dict(query=rng.standard_normal((b, n, e)))
     if m is not None:
         data.update(key=rng.standard_normal((b, m, kdim or e)), value=rng.standard_normal((b, m, kdim or e)))
 
-    def fwd(p, *xs):
-        return mha_forward(p, spec, *xs, **kwargs)
+    def fwd(p, *xs, **kw):
+        return mha_forward(p, spec, *xs, **kw)
 
     def bwd(dout, cache):
         d_data, grads = mha_backward(dout, cache)
         return d_data[:len(data)], grads
 
     f, bk = layer_pair(fwd, bwd, list(data), list(params))
-    return f, bk, dict(data, **params), {}, LAYER_ATOL
+    return f, bk, dict(data, **params), kwargs, LAYER_ATOL
 
 
 def block_case_inputs(rng, b, n, e, heads, kv_heads, *, norm="layernorm", activation="gelu_tanh", rope=False,
@@ -127,15 +130,15 @@ def block_case_inputs(rng, b, n, e, heads, kv_heads, *, norm="layernorm", activa
     spec, h, g = make_block_spec(e, heads, kv_heads, norm, activation, rope, 10000.0, 1e-5, "naive")
     params = _randomized(block_params(Initializer(0, "float64"), e, h, g, ffn_dim or 2 * e, norm, activation, bias), rng)
 
-    def fwd(p, x):
-        return block_forward(p, spec, x, **kwargs)
+    def fwd(p, x, **kw):
+        return block_forward(p, spec, x, **kw)
 
     def bwd(dout, cache):
         dx, grads = block_backward(dout, cache)
         return (dx,), grads
 
     f, bk = layer_pair(fwd, bwd, ["x"], list(params))
-    return f, bk, dict(x=rng.standard_normal((b, n, e)), **params), {}, LAYER_ATOL
+    return f, bk, dict(x=rng.standard_normal((b, n, e)), **params), kwargs, LAYER_ATOL
 
 
 def gpt_case_inputs(rng, config: GPTConfig, b, n):
@@ -196,9 +199,9 @@ def cases(seed: int = 0) -> list[Case]:
     ] + variant_cases(rng) + transformer_cases(rng)
 
 
-def mask_grad_pair(forward, backward, **kwargs):
+def mask_grad_pair(forward, backward):
     """An attention pair whose float mask is an input (a learnable bias): backward returns dmask too."""
-    def pair_forward(q, k, v, mask):
+    def pair_forward(q, k, v, mask, **kwargs):
         return forward(q, k, v, mask=mask, **kwargs)
 
     def pair_backward(dout, cache):
@@ -225,13 +228,13 @@ def variant_cases(rng) -> list[Case]:
         Case("attention", "window (2, 1)", *att, qkv(), dict(window=(2, 1))),
         Case("attention", "top-left causal", *att, qkv(), dict(causal="top-left")),
         Case("attention", "all variants + dropout", *att, qkv(), dict(everything, dropout_p=0.2, rng=3)),
-        Case("attention", "dmask (H, 1, M) + variants", *mask_grad_pair(*att, **everything),
-             dict(qkv(), mask=normal((4, 1, 7))), {}),
+        Case("attention", "dmask (H, 1, M) + variants", *mask_grad_pair(*att),
+             dict(qkv(), mask=normal((4, 1, 7))), everything),
         Case("flash", "softcap, ragged tiles", *fl, qkv(), dict(softcap=1.5, **tiles)),
         Case("flash", "ALiBi + window, tiles skipped", *fl, qkv(), dict(alibi_slopes=slopes, window=(1, 1), **tiles)),
         Case("flash", "all variants + dlse", *lse_pair, qkv(), dict(everything, **tiles)),
-        Case("flash", "dmask (N, M) + variants", *mask_grad_pair(*fl, **everything, **tiles),
-             dict(qkv(), mask=normal((5, 7))), {}),
+        Case("flash", "dmask (N, M) + variants", *mask_grad_pair(*fl),
+             dict(qkv(), mask=normal((5, 7))), dict(everything, **tiles)),
     ]
 
 
@@ -286,9 +289,24 @@ def transformer_cases(rng) -> list[Case]:
 DIRECTIONAL_OPS = ("mha", "block", "gpt")
 
 
-def run_case(case: Case, *, mode: str = "full", seed: int = 0) -> GradcheckReport:
-    """One case's report; layers always run in directional mode (full would cost one pair of
-    forwards per weight entry)."""
+def on_backend(case: Case, library="numpy", device=None) -> Case:
+    """The case with every array of its inputs and kwargs (masks, slopes, positions, targets) moved
+    to ``library`` on ``device`` (``backend.library`` names them); NumPy: the case itself."""
+    if library in ("numpy", None) and device is None:
+        return case
+    xp = backend_library(library)
+
+    def moved(value):
+        return move(value, xp, device) if isinstance(value, np.ndarray) else value
+
+    return case._replace(inputs={k: moved(a) for k, a in case.inputs.items()},
+                         kwargs={k: moved(a) for k, a in case.kwargs.items()})
+
+
+def run_case(case: Case, *, mode: str = "full", seed: int = 0, library="numpy", device=None) -> GradcheckReport:
+    """One case's report, on ``library``/``device`` (see ``on_backend``); layers always run in
+    directional mode (full would cost one pair of forwards per weight entry)."""
+    case = on_backend(case, library, device)
     mode = "directional" if case.op in DIRECTIONAL_OPS else mode
     return gradcheck(case.forward, case.backward, case.inputs, kwargs=case.kwargs, mode=mode, seed=seed,
                      atol=case.atol)

@@ -19,6 +19,8 @@ import math
 import numpy as np
 from array_api_compat import is_array_api_obj
 
+from .. import backend
+
 __all__ = ["Params", "Initializer", "sub", "prefixed", "check_dtype_name", "Layer", "INIT_STD"]
 
 INIT_STD = 0.02                               # GPT-2's initializer_range
@@ -109,6 +111,19 @@ class Layer:
         self.params = Params(params)
         self.grads = {}
         self._cache = None
+
+    def to(self, library, device=None):
+        """Move every weight to ``library`` (``"numpy"``, ``"cupy"``, ``"torch"``,
+        ``"array_api_strict"`` or the module) on ``device`` (e.g. ``"cuda"`` for torch; None: the
+        library's default), in place, and return the layer. Weights keep their dtype; ``grads`` and
+        the last cache are dropped (they lived where the weights were). Inputs must then come from
+        the same library and device: npattn reads the library from the arrays, never moves them
+        inside a forward or backward."""
+        xp = backend.library(library)
+        for name, a in self.params.items():
+            dict.__setitem__(self.params, name, backend.move(a, xp, device))
+        self.grads, self._cache = {}, None
+        return self
 
     def _last_cache(self):
         if self._cache is None:

@@ -41,8 +41,7 @@ from ..backend import (
     compute_dtype,
     default_workers,
     device,
-    from_numpy,
-    host_rng,
+    keep_mask,
     namespace,
     run_grid,
     to_compute,
@@ -229,7 +228,9 @@ def attention_forward(q, k, v, *, mask=None, causal=False, scale=None, dropout_p
     dropout_p : float in [0, 1)
         Probability of zeroing an attention weight; kept weights are scaled by ``1/(1-dropout_p)``.
     rng : numpy.random.Generator, int seed or None
-        Source of the dropout mask; an int seed gives the same mask on every library.
+        Source of the dropout mask, drawn on the inputs' device (``backend.keep_mask``): an int
+        seed gives the same mask on every host library; CuPy and torch CUDA use their own
+        generator, reproducible from the seed but not equal to NumPy's.
     softcap : float > 0 or None
         Replaces the scaled scores by ``softcap * tanh(s / softcap)`` (Gemma 2), first.
     alibi_slopes : array broadcastable to ``(..., H)`` or None
@@ -263,7 +264,7 @@ def attention_forward(q, k, v, *, mask=None, causal=False, scale=None, dropout_p
     workers = resolve_naive_workers(q, workers, math.prod(scores_shape))
     keep = None
     if dropout_p > 0.0:                                                   # drawn whole, so shares don't matter
-        keep = from_numpy(xp, host_rng(rng).random(scores_shape) >= dropout_p, like=q)   # (..., H, N, M)
+        keep = keep_mask(xp, scores_shape, dropout_p, rng, like=q)              # (..., H, N, M) on q's device
     split = _split(q, k, workers)
     if split is None:
         o, p, t = _attend(xp, q, k, v, sc, keep, dropout_p)
