@@ -391,4 +391,6 @@ def move(a, xp, device=None):
     """``a`` (any supported array) as an array of namespace ``xp`` on ``device`` (None: the library's
     default): one explicit copy through the host, for setting a model up, never inside an op."""
     host = to_numpy(a)
+    if isinstance(device, str) and hasattr(xp, "Device"):                 # array_api_strict names its devices
+        device = xp.Device(device)
     return xp.asarray(host) if device is None else xp.asarray(host, device=device)

@@ -12,7 +12,13 @@ shows side by side. ``naive`` runs with its own default workers.
   recomputation of ``q k^T`` is overhead, not counted.
 - Peak memory is the peak of NumPy allocations during one call above what was allocated before
   it (``tracemalloc``), measured in a run of its own so tracing does not slow the timed runs.
-  PyTorch allocations are not traced; torch rows show no memory.
+  PyTorch allocations on the CPU are not traced; those torch rows show no memory.
+- ``backend`` runs npattn on another array library (``"cupy"``, ``"torch"``, ``"array_api_strict"``)
+  on ``device``. Every timed run then ends with a device synchronization, so a GPU's asynchronous
+  launches are counted whole; the torch rows run on the same device (CUDA when npattn runs on a GPU).
+  GPU peak memory is the device allocator's high-water mark during one call: CuPy's memory pool
+  (emptied first, so the blocks it holds after the call are the call's peak) and
+  ``torch.cuda.max_memory_allocated``.
 """
 
 from __future__ import annotations
@@ -50,6 +56,8 @@ class BenchConfig:
     repeats: int = 3
     memory: bool = True
     seed: int = 0
+    backend: str = "numpy"           # the array library npattn runs on (backend.LIBRARIES)
+    device: Optional[str] = None     # its device (None: the library's default; torch: CUDA if present)
 
 
 def _flops(n: int, m: int, d: int, dv: int, bh: int, causal: bool, passes: str, window=None) -> float:
@@ -83,11 +91,11 @@ def _numpy_runner(impl, q, k, v, dout, causal, passes, block, workers, window=No
     return run
 
 
-def _torch_runner(impl, q, k, v, dout, causal, passes):
+def _torch_runner(impl, q, k, v, dout, causal, passes, device="cpu"):
     import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    tq, tk, tv, tdout = (torch.from_numpy(a) for a in (q, k, v, dout))
+    tq, tk, tv, tdout = (torch.from_numpy(a).to(device) for a in (q, k, v, dout))
     sdpa = torch.nn.functional.scaled_dot_product_attention
 
     def run():
@@ -120,6 +128,78 @@ def _peak_bytes(run) -> int:
         tracemalloc.stop()
 
 
+class _Place:
+    """Where npattn's rows run: the library, its device, how to wait for it, how to read its peak."""
+
+    def __init__(self, cfg: "BenchConfig"):
+        from .backend import library, move
+
+        self.name = cfg.backend
+        self.xp = library(cfg.backend)
+        self.device = cfg.device
+        if self.name == "torch" and self.device is None:
+            import torch
+
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.move = lambda a: a if self.name == "numpy" else move(a, self.xp, self.device)
+        self.gpu = self.name == "cupy" or (self.name == "torch" and str(self.device).startswith("cuda"))
+        self.torch_device = "cuda" if self.gpu else "cpu"
+
+    def sync(self):
+        if self.name == "cupy":
+            import cupy
+
+            cupy.cuda.get_current_stream().synchronize()
+        elif self.gpu:
+            import torch
+
+            torch.cuda.synchronize()
+
+    def peak_bytes(self, run, torch_row: bool):
+        """The call's peak allocation, or None where it cannot be read (torch on the CPU)."""
+        if not self.gpu:                              # tracemalloc sees NumPy's allocations only
+            return _peak_bytes(run) if not torch_row and self.name in ("numpy", "array_api_strict") else None
+        if self.name == "cupy" and not torch_row:
+            import cupy
+
+            pool = cupy.get_default_memory_pool()
+            pool.free_all_blocks()
+            base = pool.used_bytes()
+            run()
+            self.sync()
+            return pool.total_bytes() - base
+        import torch
+
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        run()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+
+    def label(self) -> str:
+        if self.name == "numpy":
+            return "numpy"
+        return f"{self.name} on {self.device or 'its default device'}" if self.name != "cupy" else "cupy (GPU)"
+
+
+def gpu_name() -> str:
+    """The GPU torch or CuPy sees, or '' without one."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_name()
+    except ImportError:
+        pass
+    try:
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
+    except Exception:
+        return ""
+
+
 def torch_available() -> bool:
     try:
         import torch  # noqa: F401
@@ -131,12 +211,14 @@ def torch_available() -> bool:
 def run_bench(cfg: BenchConfig, progress=None) -> list[dict]:
     """Run every setting of ``cfg``; returns one dict per row (see module docstring)."""
     have_torch = torch_available()
+    place = _Place(cfg)
     rows = []
     for n in cfg.lengths:
         for dtype in cfg.dtypes:
             rng = np.random.default_rng(cfg.seed)
             shape = (cfg.batch, cfg.heads, n, cfg.dim)
             q, k, v, dout = (rng.standard_normal(shape).astype(dtype) for _ in range(4))
+            dq, dk, dv, ddout = (place.move(a) for a in (q, k, v, dout))          # on npattn's device
             for causal in cfg.causal:
                 for passes in cfg.passes:
                     base_ms = None
@@ -144,29 +226,33 @@ def run_bench(cfg: BenchConfig, progress=None) -> list[dict]:
                         if impl.startswith("torch"):
                             if not have_torch:
                                 continue
-                            run = _torch_runner(impl, q, k, v, dout, causal, passes)
+                            run = _torch_runner(impl, q, k, v, dout, causal, passes, place.torch_device)
                         else:
-                            run = _numpy_runner(impl, q, k, v, dout, causal, passes, cfg.block, cfg.workers,
+                            run = _numpy_runner(impl, dq, dk, dv, ddout, causal, passes, cfg.block, cfg.workers,
                                                 cfg.window)
                         run()                                                  # warm-up
+                        place.sync()
                         times = []
                         for _ in range(cfg.repeats):
                             t0 = time.perf_counter()
                             run()
+                            place.sync()
                             times.append((time.perf_counter() - t0) * 1e3)
                         med = statistics.median(times)
-                        tiling = default_tiling(np, n, cfg.block, cfg.block, cfg.workers)   # as resolved
+                        tiling = default_tiling(dq, n, cfg.block, cfg.block, cfg.workers)   # as resolved
                         if impl == "naive":
                             base_ms = med
-                        peak = _peak_bytes(run) / 2**20 if cfg.memory and not impl.startswith("torch") else None
+                        peak = place.peak_bytes(run, impl.startswith("torch")) if cfg.memory else None
                         flops = _flops(n, n, cfg.dim, cfg.dim, cfg.batch * cfg.heads, causal, passes,
                                        cfg.window if impl == "tiled-window" else None)
                         row = dict(impl=impl, dtype=dtype, causal=causal, n=n, passes=passes,
                                    median_ms=med, min_ms=min(times), max_ms=max(times),
                                    vs_naive=(med / base_ms) if base_ms else None,
-                                   gflops=flops / (med * 1e-3) / 1e9, peak_mib=peak,
+                                   gflops=flops / (med * 1e-3) / 1e9,
+                                   peak_mib=None if peak is None else peak / 2**20,
                                    block=tiling[0] if impl.startswith("tiled") else None,
-                                   workers=(1 if impl == "tiled-1" else tiling[2]) if impl.startswith("tiled") else None)
+                                   workers=(1 if impl == "tiled-1" else tiling[2]) if impl.startswith("tiled") else None,
+                                   backend=place.label())
                         rows.append(row)
                         if progress:
                             progress(row)
@@ -218,7 +304,8 @@ def blas_name() -> str:
 
 
 def machine() -> str:
-    return f"CPU {cpu_name()}; BLAS {blas_name()}"
+    gpu = gpu_name()
+    return f"CPU {cpu_name()}; BLAS {blas_name()}" + (f"; GPU {gpu}" if gpu else "")
 
 
 def environment() -> dict:

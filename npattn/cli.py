@@ -18,14 +18,15 @@ def check(args) -> int:
     if not selected:
         print(f"no case matches -k {args.k!r}", file=sys.stderr)
         return 2
+    where = "" if args.backend == "numpy" else f", on {args.backend}" + (f" ({args.device})" if args.device else "")
     print(f"npattn check: {len(selected)} cases, float64 central differences, random dout (seed {args.seed}), "
-          f"mode={args.mode} (layers: directional)", flush=True)
+          f"mode={args.mode} (layers: directional){where}", flush=True)
     header = f"{'op':<14}{'case':<34}{'input':<22}{'shape':<13}{'max abs err':>12}{'max rel err':>12}  ok"
     print(header)
     print("-" * len(header), flush=True)
     t0, failed, worst, zeros = time.perf_counter(), [], {}, 0
     for case in selected:
-        report = run_case(case, mode=args.mode, seed=args.seed)
+        report = run_case(case, mode=args.mode, seed=args.seed, library=args.backend, device=args.device)
         for r in report.rows:
             # a gradient that is 0 by the math (attention's key bias) has only rounding noise to
             # compare: its relative error means nothing, so it is marked and left out of the summary
@@ -64,8 +65,10 @@ def bench(args) -> int:
     cfg = BenchConfig(lengths=args.n, dtypes=args.dtype, causal=args.causal, passes=args.passes,
                       impls=args.impl, batch=args.batch, heads=args.heads, dim=args.dim,
                       block=args.block, workers=args.workers, window=tuple(args.window) if args.window else None,
-                      repeats=args.repeats, memory=not args.no_memory, seed=args.seed)
-    print(f"npattn bench: B={cfg.batch} H={cfg.heads} D=Dv={cfg.dim} N=M in {cfg.lengths}, "
+                      repeats=args.repeats, memory=not args.no_memory, seed=args.seed,
+                      backend=args.backend, device=args.device)
+    on = "" if cfg.backend == "numpy" else f"npattn on {cfg.backend}" + (f" ({cfg.device})" if cfg.device else "") + "; "
+    print(f"npattn bench: {on}B={cfg.batch} H={cfg.heads} D=Dv={cfg.dim} N=M in {cfg.lengths}, "
           f"tiles {cfg.block or 'default'}, tiled on {cfg.workers or 'default'} workers; {machine()}; "
           f"median of {cfg.repeats}" + ("" if torch_available() else " (torch not installed: no torch rows)"),
           flush=True)
@@ -118,7 +121,15 @@ def bench_layers(args) -> int:
 def _parser() -> argparse.ArgumentParser:
     from .bench import BenchConfig
 
+    from .backend import LIBRARIES
+
     d = BenchConfig()  # the defaults live in one place
+
+    def where(command):
+        command.add_argument("--backend", choices=LIBRARIES, default="numpy",
+                             help="the array library npattn runs on: cupy for a GPU, torch (CUDA when present)")
+        command.add_argument("--device", default=None,
+                             help="its device, e.g. cuda:1 for torch (default: the library's; torch: cuda if present)")
     parser = argparse.ArgumentParser(prog="npattn", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -126,6 +137,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-k", help="only cases whose 'op case' text contains this")
     p.add_argument("--mode", choices=["full", "directional"], default="full")
     p.add_argument("--seed", type=int, default=0)
+    where(p)
     p.set_defaults(func=check)
 
     def truth(text: str) -> bool:
@@ -153,6 +165,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--no-memory", action="store_true", help="skip the tracemalloc peak-memory runs")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--json", help="also write the rows to this JSON file")
+    where(b)
     b.set_defaults(func=bench)
     from .demo import TASKS, DemoConfig
 

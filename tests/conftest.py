@@ -19,8 +19,9 @@ class Backend:
     """An array library under test: ``asarray`` moves NumPy data onto its device, ``numpy`` brings
     it back (an explicit transfer, allowed in tests and nowhere inside an op)."""
 
-    def __init__(self, name, xp, device=None, no_host=False):
+    def __init__(self, name, xp, device=None, no_host=False, device_name=None):
         self.name, self.xp, self.device, self.no_host = name, xp, device, no_host
+        self.device_name = device_name if device_name is not None else device   # as the CLI's --device
 
     def asarray(self, a):
         if a is None:
@@ -46,7 +47,8 @@ def _backends():
 
     params = [pytest.param(Backend("numpy", np), id="numpy"),
               pytest.param(Backend("array_api_strict", array_api_strict), id="array_api_strict"),
-              pytest.param(Backend("no-host", array_api_strict, array_api_strict.Device("device1"), no_host=True),
+              pytest.param(Backend("no-host", array_api_strict, array_api_strict.Device("device1"), no_host=True,
+                                   device_name="device1"),
                            id="no-host")]
     try:
         import torch

@@ -151,3 +151,31 @@ def test_no_host_guard_catches_a_host_conversion(backend):
         np.asarray(x)
     with pytest.raises(ValueError, match="different devices"):
         x + backend.xp.asarray(np.ones(3))                    # an array made without the inputs' device
+
+
+# --- the command line on another backend
+
+def test_check_on_a_backend(backend, capsys):
+    from npattn.cli import main
+
+    if backend.name == "numpy":
+        pytest.skip("the plain `npattn check` is test_cli's")
+    args = ["check", "-k", "GQA H=4 G=2", "--backend", backend.xp.__name__.split(".")[-1]]
+    if backend.device_name is not None:
+        args += ["--device", backend.device_name]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert f"on {args[4]}" in out and "all 3 cases passed" in out
+
+
+def test_bench_on_the_no_host_device(backend, capsys):
+    """The bench's npattn rows on a device: timed, with no host transfer inside (the guard is on)."""
+    from npattn.bench import BenchConfig, run_bench
+
+    if backend.name != "no-host":
+        pytest.skip("the bench on a device is exercised through the no-host backend")
+    rows = run_bench(BenchConfig(lengths=[40], dtypes=["float64"], causal=[True], passes=["fwd+bwd"],
+                                 impls=["naive", "tiled"], heads=2, dim=8, block=16, repeats=1,
+                                 backend="array_api_strict", device="device1"))
+    assert [r["impl"] for r in rows] == ["naive", "tiled"]
+    assert all(r["backend"] == "array_api_strict on device1" and r["median_ms"] > 0 for r in rows)
