@@ -268,7 +268,7 @@ def default_workers(like) -> int:
     torch and others thread internally). ``like``: an input array or a namespace.
     Measured in benchmarks/RESULTS.md, "Defaults"."""
     library = array_namespace(like) if is_array_api_obj(like) else like
-    if can_limit_blas() and on_host(like) and library.__name__.split(".")[-1] in ("numpy", "array_api_strict"):
+    if can_limit_blas() and on_host(like) and on_host(library):         # host NumPy or array_api_strict
         return usable_cores()
     return 1
 
@@ -329,7 +329,8 @@ def keep_mask(xp, shape: tuple, dropout_p: float, rng, like):
       the host (with the same keep rate).
     - Other device libraries (the standard has no random numbers): drawn on the host, copied once.
     """
-    if isinstance(rng, np.random.Generator) or on_host(like) or not (is_cupy_array(like) or is_torch_array(like)):
+    on_gpu = is_cupy_array(like) or (is_torch_array(like) and not on_host(like))
+    if isinstance(rng, np.random.Generator) or not on_gpu:
         return from_numpy(xp, host_rng(rng).random(shape) >= dropout_p, like=like)
     host_rng(rng)                                                             # validates the seed
     if is_cupy_array(like):

@@ -178,9 +178,7 @@ class _Place:
         return torch.cuda.max_memory_allocated() - base
 
     def label(self) -> str:
-        if self.name == "numpy":
-            return "numpy"
-        return f"{self.name} on {self.device or 'its default device'}" if self.name != "cupy" else "cupy (GPU)"
+        return self.name if self.device is None else f"{self.name} on {self.device}"
 
 
 def gpu_name() -> str:
@@ -218,7 +216,7 @@ def run_bench(cfg: BenchConfig, progress=None) -> list[dict]:
             rng = np.random.default_rng(cfg.seed)
             shape = (cfg.batch, cfg.heads, n, cfg.dim)
             q, k, v, dout = (rng.standard_normal(shape).astype(dtype) for _ in range(4))
-            dq, dk, dv, ddout = (place.move(a) for a in (q, k, v, dout))          # on npattn's device
+            q_dev, k_dev, v_dev, dout_dev = (place.move(a) for a in (q, k, v, dout))   # on npattn's device
             for causal in cfg.causal:
                 for passes in cfg.passes:
                     base_ms = None
@@ -228,7 +226,7 @@ def run_bench(cfg: BenchConfig, progress=None) -> list[dict]:
                                 continue
                             run = _torch_runner(impl, q, k, v, dout, causal, passes, place.torch_device)
                         else:
-                            run = _numpy_runner(impl, dq, dk, dv, ddout, causal, passes, cfg.block, cfg.workers,
+                            run = _numpy_runner(impl, q_dev, k_dev, v_dev, dout_dev, causal, passes, cfg.block, cfg.workers,
                                                 cfg.window)
                         run()                                                  # warm-up
                         place.sync()
@@ -239,7 +237,7 @@ def run_bench(cfg: BenchConfig, progress=None) -> list[dict]:
                             place.sync()
                             times.append((time.perf_counter() - t0) * 1e3)
                         med = statistics.median(times)
-                        tiling = default_tiling(dq, n, cfg.block, cfg.block, cfg.workers)   # as resolved
+                        tiling = default_tiling(q_dev, n, cfg.block, cfg.block, cfg.workers)   # as resolved
                         if impl == "naive":
                             base_ms = med
                         peak = place.peak_bytes(run, impl.startswith("torch")) if cfg.memory else None
