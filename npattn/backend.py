@@ -54,6 +54,7 @@ __all__ = [
     "from_numpy",
     "device",
     "to_numpy",
+    "host_index",
     "read_back",
     "LIBRARIES",
     "library",
@@ -371,6 +372,27 @@ def read_back(xp, *scalars) -> list:
     how many targets count). Never inside the math, never in a loop; float data never comes back."""
     stacked = xp.stack([xp.astype(s, xp.int64) for s in scalars])          # (len(scalars),) on the device
     return [int(v) for v in to_numpy(stacked)]
+
+
+def host_index(name: str, a, ndim: int) -> np.ndarray:
+    """An index array that steers the loops (``cu_seqlens_*``, a paged cache's ``block_table`` and
+    ``seqlens``) as NumPy int64 on the host, in one explicit copy: which tiles or pages to visit is
+    decided on the host, as FlashAttention takes ``max_seqlen`` and vLLM its block tables. Accepts an
+    integer array of any supported library (or a list of ints) with ``ndim`` axes; anything else is
+    a ``TypeError``/``ValueError`` naming ``name``. The float data never comes back."""
+    if isinstance(a, (list, tuple)):
+        if not all(isinstance(x, numbers.Integral) and not isinstance(x, bool) for x in np.ravel(np.asarray(a, dtype=object))):
+            raise TypeError(f"{name} must hold integers, got {a!r}")
+        host = np.asarray(a, dtype=np.int64)
+    elif is_array_api_obj(a):
+        if not array_namespace(a).isdtype(a.dtype, "integral"):
+            raise TypeError(f"{name} must be an integer array, got dtype {a.dtype}")
+        host = to_numpy(a).astype(np.int64, copy=True)
+    else:
+        raise TypeError(f"{name} must be an integer array, got {type(a).__name__}")
+    if host.ndim != ndim:
+        raise ValueError(f"{name} must have {ndim} axis{'es' if ndim != 1 else ''}, got shape {host.shape}")
+    return host
 
 
 LIBRARIES = ("numpy", "array_api_strict", "torch", "cupy")

@@ -24,6 +24,10 @@ Backward, the same steps in reverse:
     2. masked entries have p = 0, so ds = 0 there; additive terms pass ds through (dmask = ds summed
        to the mask's shape, eq. (13.5)); softcap multiplies it by 1 - tanh^2       eq. (13.6)
     1. dq = scale * ds k,  dk = scale * ds^T q  eq. (3.10), summed over each kv group: eq. (3.11)
+With learnable sinks (derivations/15-sinks-varlen.md) step 3 is a softmax over the row's keys and one
+more logit, the head's sink, that has no value (eq. (15.1)); its backward keeps eq. (3.9) as it is and
+adds dsink = -rowsum over rows of p_sink * delta (eqs. (15.3)-(15.4)). Packed sequences
+(``cu_seqlens_q``/``cu_seqlens_k``) run steps 1-5 once per sequence (eq. (15.6)).
 """
 
 from __future__ import annotations
@@ -41,12 +45,21 @@ from ..backend import (
     compute_dtype,
     default_workers,
     device,
+    host_rng,
     keep_mask,
     namespace,
     run_grid,
     to_compute,
 )
-from .scores import Scores, causal_offset, make_scores, mask_grad_block, softcap_backward
+from .scores import (
+    Scores,
+    causal_offset,
+    make_scores,
+    mask_grad_block,
+    packed_sequences,
+    sink_grad,
+    softcap_backward,
+)
 from .softmax import _stable_softmax
 
 __all__ = ["attention_forward", "attention_backward", "AttentionCache", "causal_allowed", "check_qkv"]
@@ -70,7 +83,9 @@ class AttentionCache(NamedTuple):
     dropout_p: float
     workers: int = 1  # the backward's default: threads over independent (batch, kv-group) slices
     t: object = None  # tanh(s / softcap) (..., H, N, M) for the softcap backward, or None
-    sc: object = None  # the score pipeline (ops/scores.py): mask, band, ALiBi, softcap
+    sc: object = None  # the score pipeline (ops/scores.py): mask, band, ALiBi, softcap, sinks
+    p_sink: object = None  # (..., H, N) the sink's weight exp(sink - lse) per row, or None without sinks
+    packed: object = None  # packed sequences: [(q rows, key rows, that sequence's cache)], or None
 
 
 def check_qkv(xp, q, k, v):
@@ -157,7 +172,10 @@ class _Split(NamedTuple):
             G = u1 - u0
         else:                                             # cut on a batch axis
             lead = lead[:self.axis] + (u1 - u0,) + lead[self.axis + 1:]
-        return sc._replace(mask=self.q_side(sc.mask, w), slopes=slopes, G=G, lead=lead)
+        sinks = sc.sinks
+        if sinks is not None:
+            sinks = self.kv_side(sinks, w)                # (..., G, R, 1, 1), full (broadcast when made)
+        return sc._replace(mask=self.q_side(sc.mask, w), slopes=slopes, sinks=sinks, G=G, lead=lead)
 
     def join_mask(self, xp, mask, parts):
         """The shares' ``dmask`` blocks as one: summed in share order where the mask is broadcast
@@ -209,7 +227,8 @@ def resolve_naive_workers(like, workers, scores: int) -> int:
 
 
 def attention_forward(q, k, v, *, mask=None, causal=False, scale=None, dropout_p=0.0, rng=None, softcap=None,
-                      alibi_slopes=None, window=None, workers=None):
+                      alibi_slopes=None, window=None, sinks=None, cu_seqlens_q=None, cu_seqlens_k=None,
+                      workers=None):
     """Scaled dot-product attention ``o = dropout(softmax(scores(q, k))) v``.
 
     Parameters
@@ -238,6 +257,14 @@ def attention_forward(q, k, v, *, mask=None, causal=False, scale=None, dropout_p
     window : (left, right) or None
         Query ``i`` sees key ``j`` only if ``i + M - N - left <= j <= i + M - N + right``
         (None on a side: unbounded). Sliding-window attention (Longformer, Mistral).
+    sinks : array broadcastable to ``(..., H)`` or None
+        A learnable sink logit per query head (gpt-oss): an extra term ``exp(sink_h)`` in every
+        row's softmax denominator, with no value. The backward returns ``dsinks`` last.
+    cu_seqlens_q, cu_seqlens_k : integer arrays (S + 1,) or None
+        Packed variable-length sequences: ``q (H, total_q, D)``, ``k (G, total_k, D)``; sequence
+        ``b``'s queries ``cu_seqlens_q[b]:cu_seqlens_q[b+1]`` attend only its keys
+        ``cu_seqlens_k[b]:cu_seqlens_k[b+1]``, every rule (causal, window, ALiBi, sinks) per sequence.
+        ``cache.p`` is then a tuple of the sequences' weights. No ``mask`` with them.
     workers : int >= 1 or None
         Threads over independent (batch, kv-group) slices, each running steps 1-5 below on its
         slice (BLAS on one thread each; needs threadpoolctl). None: every core for NumPy inputs with
@@ -246,45 +273,68 @@ def attention_forward(q, k, v, *, mask=None, causal=False, scale=None, dropout_p
     Returns
     -------
     o : array (..., H, N, Dv), the inputs' dtype.
-    cache : AttentionCache (``cache.p`` is the weights before dropout).
+    cache : AttentionCache (``cache.p`` is the weights before dropout; ``cache.p_sink`` the sink's).
 
     NaN is never hidden: a NaN in q, k, v or a float mask reaches every row that may attend it, and
     through ``p @ v`` (``0 * NaN``) also the other rows of its head.
 
     Derivation: derivations/03-attention.md, eqs. (3.1)-(3.6); the variants: derivations/13-variants.md.
     """
-    xp = namespace(q=q, k=k, v=v, mask=mask)
+    xp = namespace(q=q, k=k, v=v, mask=mask, sinks=sinks)
     G, R = check_qkv(xp, q, k, v)
     dropout_p = _check_dropout(dropout_p)
     ct = compute_dtype(xp, q.dtype)
     M, Dv = k.shape[-2], v.shape[-1]
     scores_shape = tuple(q.shape[:-1]) + (M,)                             # (..., H, N, M)
     sc = make_scores(xp, q, k, mask=mask, causal=causal, scale=scale, softcap=softcap,
-                     alibi_slopes=alibi_slopes, window=window, G=G, R=R)
+                     alibi_slopes=alibi_slopes, window=window, G=G, R=R, sinks=sinks)
+    if cu_seqlens_q is not None or cu_seqlens_k is not None:             # one call per sequence: eq. (15.6)
+        seqs = packed_sequences(q, k, v, cu_seqlens_q, cu_seqlens_k, mask)
+        gen = None if dropout_p == 0.0 else host_rng(rng)                 # one stream, drawn sequence by sequence
+        kwargs = dict(causal=causal, scale=scale, dropout_p=dropout_p, rng=gen, softcap=softcap,
+                      alibi_slopes=alibi_slopes, window=window, sinks=sinks, workers=workers)
+        parts = [(rows, keys) + attention_forward(q[:, rows, :], k[:, keys, :], v[:, keys, :], **kwargs)
+                 for rows, keys in seqs]
+        o = _concat_rows(xp, [o_b for _, _, o_b, _ in parts], tuple(q.shape[:-1]) + (Dv,), q.dtype, q)   # (H, total_q, Dv)
+        cache = AttentionCache(q=q, k=k, v=v, p=tuple(c.p for *_, c in parts), keep=None, scale=sc.scale,
+                               dropout_p=dropout_p, sc=sc,
+                               packed=[(rows, keys, c) for rows, keys, _, c in parts])
+        return o, cache
     workers = resolve_naive_workers(q, workers, math.prod(scores_shape))
     keep = None
     if dropout_p > 0.0:                                                   # drawn whole, so shares don't matter
         keep = keep_mask(xp, scores_shape, dropout_p, rng, like=q)              # (..., H, N, M) on q's device
     split = _split(q, k, workers)
     if split is None:
-        o, p, t = _attend(xp, q, k, v, sc, keep, dropout_p)
+        o, p, t, p_sink = _attend(xp, q, k, v, sc, keep, dropout_p)
     else:
         dev = device(q)
         o = xp.empty(tuple(q.shape[:-1]) + (Dv,), dtype=ct, device=dev)   # (..., H, N, Dv)
         p = xp.empty(scores_shape, dtype=ct, device=dev)                  # (..., H, N, M)
         t = xp.empty(scores_shape, dtype=ct, device=dev) if sc.softcap is not None else None
+        p_sink = xp.empty(tuple(q.shape[:-1]), dtype=ct, device=dev) if sc.sinks is not None else None
 
         def share(w, _):
-            o_w, p_w, t_w = _attend(xp, split.q_side(q, w), split.kv_side(k, w), split.kv_side(v, w),
-                                    split.scores(sc, w), split.q_side(keep, w), dropout_p)
+            o_w, p_w, t_w, p_sink_w = _attend(xp, split.q_side(q, w), split.kv_side(k, w), split.kv_side(v, w),
+                                              split.scores(sc, w), split.q_side(keep, w), dropout_p)
             o[split.index(w)], p[split.index(w)] = o_w, p_w
             if t is not None:
                 t[split.index(w)] = t_w
+            if p_sink is not None:
+                p_sink[split.index(w)] = p_sink_w
 
         run_grid(share, split.ranges)
     cache = AttentionCache(q=q, k=k, v=v, p=p, keep=keep, scale=sc.scale, dropout_p=dropout_p, workers=workers,
-                           t=t, sc=sc)
+                           t=t, sc=sc, p_sink=p_sink)
     return xp.astype(o, q.dtype, copy=False), cache
+
+
+def _concat_rows(xp, parts: list, shape: tuple, dtype, like):
+    """Packed sequences' results side by side along the token axis, axis 1 of ``(H, total, C)``
+    arrays and of ``(H, total)`` row statistics; with no sequence, zeros of ``shape``."""
+    if not parts:
+        return xp.zeros(shape, dtype=dtype, device=device(like))
+    return xp.concat(parts, axis=1)
 
 
 def _grouped5(xp, a, sc: Scores):
@@ -293,7 +343,8 @@ def _grouped5(xp, a, sc: Scores):
 
 
 def _attend(xp, q, k, v, sc: Scores, keep, dropout_p):
-    """Steps 1-5 of the forward on one slice (or all of it): ``(o, p, t)`` in the compute dtype."""
+    """Steps 1-5 of the forward on one slice (or all of it): ``(o, p, t, p_sink)`` in the compute
+    dtype (``p_sink`` None without sinks)."""
     G, R = sc.G, sc.R
     N, M, D, Dv = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
     lead = tuple(q.shape[:-3])
@@ -306,46 +357,81 @@ def _attend(xp, q, k, v, sc: Scores, keep, dropout_p):
     # 2. the score pipeline: softcap, float mask, ALiBi, then every bool constraint (mask, causal,
     #    window) as -inf: eqs. (13.1)-(13.3), (3.2)-(3.3)
     s, t = sc.apply(xp, s, (0, N), (0, M))
-    s = xp.reshape(s, scores_shape)                                      # (..., H, N, M)
-    # 3. softmax over keys; rows with no allowed key give p = 0: eq. (3.4)
-    p, _, _ = _stable_softmax(xp, s, -1, overwrite=True)                  # (..., H, N, M); s is ours
+    p_sink = None
+    if sc.sinks is None:
+        s = xp.reshape(s, scores_shape)                                  # (..., H, N, M)
+        # 3. softmax over keys; rows with no allowed key give p = 0: eq. (3.4)
+        p, _, _ = _stable_softmax(xp, s, -1, overwrite=True)              # (..., H, N, M); s is ours
+    else:
+        # 3. softmax over keys and the head's sink: eq. (15.1)
+        p, p_sink = _softmax_with_sink(xp, s, sc.sinks)                   # (..., G, R, N, M|1)
+        p, p_sink = xp.reshape(p, scores_shape), xp.reshape(p_sink, tuple(q.shape[:-1]))
     # 4. dropout: eq. (3.5)
     p_d = p if keep is None else _dropout(xp, p, keep, dropout_p)
     # 5. weighted sum of values: eq. (3.6)
     o = xp.reshape(xp.reshape(p_d, lead + (G, R * N, M)) @ vc,
                    tuple(q.shape[:-1]) + (Dv,))                          # (..., H, N, Dv)
-    return o, p, None if t is None else xp.reshape(t, scores_shape)
+    return o, p, None if t is None else xp.reshape(t, scores_shape), p_sink
+
+
+def _softmax_with_sink(xp, s5, sink5):
+    """Softmax of each row of ``s5 (..., G, R, N, M)`` with one more logit, the head's sink
+    ``sink5 (..., G, R, 1, 1)``, that has no value: ``p = exp(s - m) / l`` and the sink's own weight
+    ``p_sink = exp(sink - m) / l`` with ``l = exp(sink - m) + rowsum(exp(s - m))`` and ``m`` the max
+    over the row and the sink (eq. (15.1)). A row with no allowed key gives ``p = 0, p_sink = 1``."""
+    rows = tuple(s5.shape[:-1]) + (1,)
+    m = xp.broadcast_to(sink5, rows)                                       # (..., G, R, N, 1)
+    if s5.shape[-1] > 0:
+        m = xp.maximum(xp.max(s5, axis=-1, keepdims=True), m)
+    m = xp.where(m == -xp.inf, xp.zeros_like(m), m)                        # a sink of -inf and no key
+    s5 -= m                                                                # in place: the caller's scores
+    e = xp.exp(s5)                                                         # (..., G, R, N, M)
+    e_sink = xp.exp(sink5 - m)                                             # (..., G, R, N, 1)
+    l = xp.sum(e, axis=-1, keepdims=True) + e_sink
+    inv_l = xp.where(l == 0, xp.zeros_like(l), 1.0 / xp.where(l == 0, xp.ones_like(l), l))
+    e *= inv_l
+    return e, e_sink * inv_l
 
 
 def attention_backward(dout, cache: AttentionCache, *, mask_grad: bool = False, workers=None):
     """Gradients of ``attention_forward``: ``(dq, dk, dv)`` in q, k, v's shapes, and ``dmask`` (in
-    the float mask's own shape) too with ``mask_grad=True``.
+    the float mask's own shape) too with ``mask_grad=True``, and ``dsinks`` (in the sinks' shape)
+    last when the forward had sinks.
 
     With grouped-query attention ``dk``, ``dv`` are summed over the ``R`` query heads of each
     group. ``workers`` defaults to the forward's. Derivation: derivations/03-attention.md,
-    eqs. (3.7)-(3.11); the variants' terms: derivations/13-variants.md, eqs. (13.5)-(13.6).
+    eqs. (3.7)-(3.11); the variants' terms: derivations/13-variants.md, eqs. (13.5)-(13.6); sinks:
+    derivations/15-sinks-varlen.md, eqs. (15.3)-(15.4).
     """
     check_cache(cache, AttentionCache, "attention_forward")
-    q, k, v, p, keep, scale, dropout_p, cache_workers, t, sc = cache
+    q, k, v, p, keep, scale, dropout_p, cache_workers, t, sc, p_sink, packed = cache
     xp = namespace(dout=dout, q=q)
     check_dout(xp, dout, tuple(q.shape[:-1]) + (v.shape[-1],), q.dtype)
     want_dmask = _check_mask_grad(xp, mask_grad, sc)
-    workers = cache_workers if workers is None else check_workers(q, workers)
+    if workers is not None:
+        workers = check_workers(q, workers)
+    if packed is not None:                            # each sequence's backward: eq. (15.6)
+        grads = [attention_backward(dout[:, rows, :], c, workers=workers) for rows, _, c in packed]
+        return _join_packed(xp, grads, q, k, v, sc)
+    workers = cache_workers if workers is None else workers
     split = _split(q, k, workers)
     if split is None:
-        grads = _attend_backward(xp, dout, q, k, v, p, keep, t, sc, dropout_p, want_dmask)
+        grads = _attend_backward(xp, dout, q, k, v, p, keep, t, p_sink, sc, dropout_p, want_dmask)
     else:
         ct = compute_dtype(xp, q.dtype)
         full = [xp.empty(tuple(a.shape), dtype=ct, device=device(q)) for a in (q, k, v)]
+        if sc.sinks is not None:                      # each row's dsink share: (..., H, N)
+            full.append(xp.empty(tuple(q.shape[:-1]), dtype=ct, device=device(q)))
         dmask_parts = [None] * len(split.ranges)
 
         def share(w, _):
             parts = _attend_backward(xp, split.q_side(dout, w), split.q_side(q, w), split.kv_side(k, w),
                                      split.kv_side(v, w), split.q_side(p, w), split.q_side(keep, w),
-                                     split.q_side(t, w), split.scores(sc, w), dropout_p, want_dmask)
-            for whole, part, r in zip(full, parts, (None, 1, 1)):
+                                     split.q_side(t, w), split.q_side(p_sink, w), split.scores(sc, w), dropout_p,
+                                     want_dmask)
+            for whole, part, r in zip(full, parts, (None, 1, 1, None)):
                 whole[split.index(w, r)] = part
-            dmask_parts[w] = parts[3] if want_dmask else None
+            dmask_parts[w] = parts[-1] if want_dmask else None
 
         run_grid(share, split.ranges)
         grads = tuple(full)
@@ -354,7 +440,22 @@ def attention_backward(dout, cache: AttentionCache, *, mask_grad: bool = False, 
     dt = q.dtype
     out = tuple(xp.astype(a, dt, copy=False) for a in grads[:3])
     if want_dmask:                                    # in the mask's own shape (check_mask padded it)
-        out += (xp.astype(xp.reshape(grads[3], sc.mask_shape), dt, copy=False),)
+        out += (xp.astype(xp.reshape(grads[-1], sc.mask_shape), dt, copy=False),)
+    if sc.sinks is not None:                          # eq. (15.4): summed over rows, in the sinks' shape
+        out += (xp.astype(sink_grad(xp, sc, grads[3]), dt, copy=False),)
+    return out
+
+
+def _join_packed(xp, grads: list, q, k, v, sc: Scores) -> tuple:
+    """The sequences' gradients as the packed arrays': ``dq`` side by side along the queries, ``dk``
+    and ``dv`` along the keys (each key belongs to one sequence), ``dsinks`` summed (every sequence
+    shares the heads' sinks): eq. (15.6)."""
+    out = tuple(_concat_rows(xp, [g[i] for g in grads], tuple(a.shape), q.dtype, q) for i, a in enumerate((q, k, v)))
+    if sc.sinks is not None:
+        dsinks = xp.zeros(sc.sinks_shape, dtype=q.dtype, device=device(q))
+        for g in grads:                               # in sequence order: reproducible
+            dsinks = dsinks + g[3]
+        out += (dsinks,)
     return out
 
 
@@ -367,8 +468,9 @@ def _check_mask_grad(xp, mask_grad, sc: Scores) -> bool:
     return mask_grad
 
 
-def _attend_backward(xp, dout, q, k, v, p, keep, t, sc: Scores, dropout_p, want_dmask):
-    """The backward's steps on one slice (or all of it): ``(dq, dk, dv[, dmask])``, compute dtype."""
+def _attend_backward(xp, dout, q, k, v, p, keep, t, p_sink, sc: Scores, dropout_p, want_dmask):
+    """The backward's steps on one slice (or all of it): ``(dq, dk, dv[, dsink_rows][, dmask])`` in the
+    compute dtype; ``dsink_rows (..., H, N)`` is each row's share of ``dsinks`` (with sinks only)."""
     N, M, D, Dv = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
     lead = tuple(q.shape[:-3])
     G, R = sc.G, sc.R
@@ -386,8 +488,11 @@ def _attend_backward(xp, dout, q, k, v, p, keep, t, sc: Scores, dropout_p, want_
     # step 4, dropout: eq. (3.8)
     if keep is not None:
         dp = _dropout(xp, dp, keep, dropout_p)
-    # step 3, softmax: eq. (3.9)
-    dp -= xp.sum(p * dp, axis=-1, keepdims=True)                          # in place: dp is our own array
+    # step 3, softmax: eq. (3.9); with a sink (no value, so dp_sink = 0), delta is the same rowsum
+    # and the sink's logit gets -p_sink * delta: eq. (15.3)
+    delta = xp.sum(p * dp, axis=-1, keepdims=True)                       # (..., H, N, 1)
+    dsink_rows = None if p_sink is None else -p_sink * delta[..., 0]     # (..., H, N)
+    dp -= delta                                                          # in place: dp is our own array
     ds = dp                                                              # (..., H, N, M)
     ds *= p                                                              # ds = p * (dp - rowsum(p * dp))
     # step 2, the score pipeline: additive terms pass ds through (dmask, eq. (13.5)); softcap
@@ -399,4 +504,6 @@ def _attend_backward(xp, dout, q, k, v, p, keep, t, sc: Scores, dropout_p, want_
     dq = xp.reshape(sc.scale * (dsg @ kc), q.shape)                      # (..., H, N, D)
     dk = sc.scale * (dsg.mT @ grouped(qc, D))                            # (..., G, M, D)  eq. (3.11)
     grads = (dq, xp.reshape(dk, k.shape), xp.reshape(dv, v.shape))
+    if dsink_rows is not None:
+        grads += (dsink_rows,)
     return grads + (dmask,) if want_dmask else grads

@@ -33,6 +33,10 @@ Backward (derivations/05-flash-backward.md):
         dq_i += scale * ds k_j,  dk_j += scale * ds^T q_i eq. (5.5)
     (the backward scales each query tile exactly as the forward did, so the recomputed scores are
     bitwise the forward's and p <= 1; dq gets its scale once at the end)
+Sinks (derivations/15-sinks-varlen.md): the loop starts from the sink instead of from nothing,
+m_i = sink, l_i = 1, acc = 0 (eq. (15.2)); the backward's tile loop is unchanged and dsinks comes from
+O(N) row statistics, -sum over rows of p_sink * delta (eqs. (15.3)-(15.4)). Packed sequences run the
+loop once per sequence, so only tiles inside some sequence's block are visited (eq. (15.6)).
 """
 
 from __future__ import annotations
@@ -52,8 +56,8 @@ from ..backend import (
     run_grid,
     to_compute,
 )
-from .attention import _check_mask_grad, check_qkv
-from .scores import Scores, make_scores, mask_grad_block, softcap_backward
+from .attention import _check_mask_grad, _concat_rows, _join_packed, check_qkv
+from .scores import Scores, make_scores, mask_grad_block, packed_sequences, sink_grad, sink_rows, softcap_backward
 
 __all__ = ["flash_attention_forward", "flash_attention_backward", "FlashCache", "FlashTile"]
 
@@ -81,6 +85,7 @@ class FlashCache(NamedTuple):
     sc: object = None  # the score pipeline (ops/scores.py): mask, band, ALiBi, softcap
     shift: object = None  # (..., H, N) the row max m the forward subtracted (0 for rows that see no key)
     inv_l: object = None  # (..., H, N) 1 / l (0 for rows that see no key): p = exp(s - shift) * inv_l
+    packed: object = None  # packed sequences: [(q rows, key rows, that sequence's FlashCache)], or None
 
 
 class FlashTile(NamedTuple):
@@ -196,15 +201,17 @@ def default_tiling(like, N: int, block_q, block_k, workers):
 
 
 def flash_attention_forward(q, k, v, *, mask=None, causal=False, scale=None, softcap=None, alibi_slopes=None,
-                            window=None, block_q=None, block_k=None,
-                            on_tile: Optional[Callable[[FlashTile], None]] = None, workers=None):
+                            window=None, sinks=None, cu_seqlens_q=None, cu_seqlens_k=None, block_q=None,
+                            block_k=None, on_tile: Optional[Callable[[FlashTile], None]] = None, workers=None):
     """Attention computed tile by tile with an online softmax (FlashAttention-2 forward).
 
     Parameters
     ----------
-    q, k, v, mask, causal, scale, softcap, alibi_slopes, window
+    q, k, v, mask, causal, scale, softcap, alibi_slopes, window, sinks, cu_seqlens_q, cu_seqlens_k
         As ``attention_forward`` (no dropout). Tiles that causal or the window hide entirely are
-        skipped, so a window of width w costs O(N w), not O(N M).
+        skipped, so a window of width w costs O(N w), not O(N M). Packed sequences are tiled one
+        sequence at a time: only tiles inside some sequence's (queries x keys) block are visited,
+        O(sum N_b M_b), and ``cache.lse`` is ``(H, total_q)``. Sinks enter ``lse`` too.
     block_q, block_k : int >= 1 or None
         Query and key tile sizes; they need not divide N or M (the last tiles are ragged). None:
         ``DEFAULT_BLOCK`` (256), see ``default_tiling``.
@@ -230,21 +237,35 @@ def flash_attention_forward(q, k, v, *, mask=None, causal=False, scale=None, sof
     Derivation: derivations/04-online-softmax.md, eqs. (4.1)-(4.4) (why it is exact) and
     (4.5)-(4.10) (the loop).
     """
-    xp = namespace(q=q, k=k, v=v, mask=mask)
+    xp = namespace(q=q, k=k, v=v, mask=mask, sinks=sinks)
     G, R = check_qkv(xp, q, k, v)
-    block_q, block_k, workers = default_tiling(q, q.shape[-2], block_q, block_k, workers)
     if on_tile is not None and not callable(on_tile):
         raise TypeError(f"on_tile must be callable or None, got {on_tile!r}")
+    variants = dict(causal=causal, scale=scale, softcap=softcap, alibi_slopes=alibi_slopes, window=window, sinks=sinks)
+    if cu_seqlens_q is not None or cu_seqlens_k is not None:             # one tile loop per sequence: eq. (15.6)
+        sc = make_scores(xp, q, k, mask=mask, G=G, R=R, **variants)
+        seqs = packed_sequences(q, k, v, cu_seqlens_q, cu_seqlens_k, mask)
+        block_q, block_k, workers = default_tiling(q, max([r.stop - r.start for r, _ in seqs], default=0),
+                                                   block_q, block_k, workers)
+        parts = [(rows, keys) + flash_attention_forward(q[:, rows, :], k[:, keys, :], v[:, keys, :], block_q=block_q,
+                                                        block_k=block_k, on_tile=on_tile, workers=workers, **variants)
+                 for rows, keys in seqs]
+        total = tuple(q.shape[:-1])
+        o = _concat_rows(xp, [o_b for _, _, o_b, _ in parts], total + (v.shape[-1],), q.dtype, q)   # (H, total_q, Dv)
+        lse, shift, inv_l = (_concat_rows(xp, [getattr(c, name) for *_, c in parts], total,
+                                          compute_dtype(xp, q.dtype), q)
+                             for name in ("lse", "shift", "inv_l"))      # (H, total_q)
+        return o, FlashCache(q=q, k=k, v=v, o=o, lse=lse, mask=None, causal=causal, scale=sc.scale,
+                             block_q=block_q, block_k=block_k, workers=workers, sc=sc, shift=shift, inv_l=inv_l,
+                             packed=[(rows, keys, c) for rows, keys, _, c in parts])
+    block_q, block_k, workers = default_tiling(q, q.shape[-2], block_q, block_k, workers)
     if q.ndim == 2:                                   # one head: run as (1, N, D) and drop the axis
-        make_scores(xp, q, k, mask=mask, causal=causal, scale=scale, softcap=softcap, alibi_slopes=alibi_slopes,
-                    window=window, G=1, R=1)          # errors name the caller's 2-D shapes
-        o, cache = flash_attention_forward(q[None, ...], k[None, ...], v[None, ...], mask=mask, causal=causal,
-                                           scale=scale, softcap=softcap, alibi_slopes=alibi_slopes, window=window,
-                                           block_q=block_q, block_k=block_k, on_tile=on_tile, workers=workers)
+        make_scores(xp, q, k, mask=mask, G=1, R=1, **variants)              # errors name the caller's 2-D shapes
+        o, cache = flash_attention_forward(q[None, ...], k[None, ...], v[None, ...], mask=mask, block_q=block_q,
+                                           block_k=block_k, on_tile=on_tile, workers=workers, **variants)
         return o[0, ...], cache._replace(q=q, k=k, v=v, o=o[0, ...], lse=cache.lse[0, ...],
                                          shift=cache.shift[0, ...], inv_l=cache.inv_l[0, ...])
-    sc = make_scores(xp, q, k, mask=mask, causal=causal, scale=scale, softcap=softcap, alibi_slopes=alibi_slopes,
-                     window=window, G=G, R=R)
+    sc = make_scores(xp, q, k, mask=mask, G=G, R=R, **variants)
     scale, mask, Dv = sc.scale, sc.mask, v.shape[-1]
     t = _Tiles(xp, q, k, sc, block_q, block_k)
     qc = to_compute(xp, q)
@@ -260,6 +281,10 @@ def flash_attention_forward(q, k, v, *, mask=None, causal=False, scale=None, sof
             rows = t.rows[i]
             q_i = t.split(q5, rows) * scale                                 # (..., G, R*bq, D), scaled once per tile
             m_i = l_i = acc = None                                          # -inf, 0, 0 before the first key tile
+            if sc.sinks is not None:                                        # or the sink, eq. (15.2)
+                m_i = sink_rows(xp, sc, rows[1] - rows[0])                  # (..., G, R*bq, 1)
+                l_i = xp.exp(m_i - xp.where(m_i == -xp.inf, zero, m_i))     # 1 (0 for a sink of -inf)
+                acc = xp.zeros(tuple(m_i.shape[:-1]) + (Dv,), dtype=zero.dtype, device=device(q))
             for j in t.key_tiles(rows):                                     # the band's tiles only: eq. (13.4)
                 cols = t.cols[j]
                 k_j, v_j = kc[..., cols[0]:cols[1], :], vc[..., cols[0]:cols[1], :]   # (..., G, bk, D|Dv)
@@ -269,7 +294,7 @@ def flash_attention_forward(q, k, v, *, mask=None, causal=False, scale=None, sof
                 m_safe = xp.where(m_new == -xp.inf, zero, m_new)            # all -inf so far: shift by 0
                 s -= m_safe                                                 # in place: s is this step's own array
                 p = xp.exp(s)                                               # (..., G, R*bq, bk)   eq. (4.7)
-                if m_i is None:
+                if l_i is None:
                     alpha = xp.zeros_like(m_safe)
                     l_i, acc = xp.sum(p, axis=-1, keepdims=True), p @ v_j  # eqs. (4.8)-(4.9)
                 else:
@@ -303,7 +328,8 @@ def flash_attention_backward(dout, cache: FlashCache, *, dlse=None, mask_grad: b
                              workers: Optional[int] = None):
     """Gradients of ``flash_attention_forward``: ``(dq, dk, dv)``, recomputing ``p`` tile by tile;
     with ``mask_grad=True`` also ``dmask`` in the float mask's own shape, accumulated tile by tile
-    (no ``N x M`` array beyond the mask itself).
+    (no ``N x M`` array beyond the mask itself); with sinks ``dsinks`` last, in the sinks' shape,
+    from O(N) row statistics (eq. (15.4)).
 
     Parameters
     ----------
@@ -335,12 +361,16 @@ def flash_attention_backward(dout, cache: FlashCache, *, dlse=None, mask_grad: b
             raise ValueError(f"dlse must have lse's shape {tuple(lse.shape)}, got {tuple(dlse.shape)}")
         if dlse.dtype != lse.dtype:
             raise TypeError(f"dlse must have lse's dtype {lse.dtype}, got {dlse.dtype} (npattn never casts silently)")
+    if cache.packed is not None:                      # each sequence's backward: eq. (15.6)
+        grads = [flash_attention_backward(dout[:, rows, :], c, dlse=None if dlse is None else dlse[:, rows],
+                                          workers=workers) for rows, _, c in cache.packed]
+        return _join_packed(xp, grads, q, k, v, sc)
     if q.ndim == 2:                                   # one head: run as (1, N, D) and drop the axis
         inner = cache._replace(q=q[None, ...], k=k[None, ...], v=v[None, ...], o=o[None, ...], lse=lse[None, ...],
                                shift=cache.shift[None, ...], inv_l=cache.inv_l[None, ...])
         grads = flash_attention_backward(dout[None, ...], inner, dlse=None if dlse is None else dlse[None, ...],
                                          mask_grad=mask_grad, workers=workers)
-        return tuple(a[0, ...] for a in grads[:3]) + tuple(grads[3:])       # dmask is in the mask's shape
+        return tuple(a[0, ...] for a in grads[:3]) + tuple(grads[3:])       # dmask, dsinks: in their own shapes
     D = q.shape[-1]
     t = _Tiles(xp, q, k, sc, block_q, block_k)
     ct = compute_dtype(xp, q.dtype)
@@ -419,4 +449,11 @@ def flash_attention_backward(dout, cache: FlashCache, *, dlse=None, mask_grad: b
         for part in dmasks[1:]:                       # per-worker partials, in a fixed order
             total += part
         grads += (xp.astype(xp.reshape(total, sc.mask_shape), dt, copy=False),)
+    if sc.sinks is not None:
+        # eqs. (15.3)-(15.4): the sink has no value, so its logit gets p_sink * (dlse - rowsum(dout * o))
+        # = -p_sink * delta, with p_sink = exp(sink - m) / l from the forward's statistics: O(N)
+        sink = xp.reshape(xp.broadcast_to(sc.sinks, sc.lead + (sc.G, sc.R, q.shape[-2], 1)),
+                          tuple(q.shape[:-1]))                               # (..., H, N)
+        p_sink = xp.exp(sink - cache.shift) * cache.inv_l                    # (..., H, N)
+        grads += (xp.astype(sink_grad(xp, sc, -p_sink * delta[..., 0]), dt, copy=False),)
     return grads

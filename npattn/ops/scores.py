@@ -11,6 +11,11 @@ Causal and the window are both a band: row ``i`` may see columns ``i + lo <= j <
 no masking (eq. (13.4)). Backward (derivations/13-variants.md): masks and ALiBi are constants, so
 ``ds`` passes through step 3 unchanged (and is ``dmask``, summed over the mask's broadcast axes:
 eq. (13.5)); softcap multiplies it by ``1 - tanh^2`` (eq. (13.6)).
+
+Two more things every attention call may carry, validated here so both ops share them
+(derivations/15-sinks-varlen.md): a learnable **sink** per query head, an extra logit in every row's
+softmax with no value (``Scores.sinks``, eq. (15.1)), and **packed sequences** (``cu_seqlens_q``,
+``cu_seqlens_k``; ``packed_sequences``), run as one call per sequence, eq. (15.6).
 """
 
 from __future__ import annotations
@@ -19,9 +24,10 @@ import math
 import numbers
 from typing import NamedTuple, Optional
 
-from ..backend import check_float, check_mask, check_scale, compute_dtype, device, is_array_api_obj
+from ..backend import check_float, check_mask, check_scale, compute_dtype, device, host_index, is_array_api_obj
 
-__all__ = ["Scores", "make_scores", "causal_offset", "softcap_backward", "mask_grad_block"]
+__all__ = ["Scores", "make_scores", "causal_offset", "softcap_backward", "mask_grad_block", "sink_rows",
+           "sink_grad", "packed_sequences"]
 
 
 def causal_offset(causal, N: int, M: int) -> Optional[int]:
@@ -55,6 +61,8 @@ class Scores(NamedTuple):
     G: int
     R: int
     like: object                     # q, for namespace, dtype and device
+    sinks: object = None             # sink logits as (..., G, R, 1, 1) in the compute dtype, or None
+    sinks_shape: tuple = None        # the sinks' shape as passed (for dsinks), or None
 
     # --- the band of causal and the window: eqs. (13.3)-(13.4)
     def visible(self, rows, cols) -> bool:
@@ -120,7 +128,7 @@ class Scores(NamedTuple):
         return s5, t
 
 
-def make_scores(xp, q, k, *, mask, causal, scale, softcap, alibi_slopes, window, G, R) -> Scores:
+def make_scores(xp, q, k, *, mask, causal, scale, softcap, alibi_slopes, window, G, R, sinks=None) -> Scores:
     """Validate the score pipeline's arguments against ``q (..., H, N, D)``, ``k (..., G, M, D)``."""
     N, M = q.shape[-2], k.shape[-2]
     ct = compute_dtype(xp, q.dtype)
@@ -161,9 +169,23 @@ def make_scores(xp, q, k, *, mask, causal, scale, softcap, alibi_slopes, window,
             raise ValueError(f"alibi_slopes of shape {shape} does not broadcast to the heads {heads}")
         full = xp.broadcast_to(xp.astype(slopes, ct), heads)
         slopes = xp.reshape(full, lead + (G, R, 1, 1))                    # (..., G, R, 1, 1)
+    sinks_shape = None
+    if sinks is not None:
+        if not is_array_api_obj(sinks):
+            raise TypeError(f"sinks must be an array of the inputs' dtype {q.dtype} (one logit per query head), "
+                            f"got {type(sinks).__name__}")
+        check_float(xp, "sinks", sinks)
+        if sinks.dtype != q.dtype:
+            raise TypeError(f"sinks must have the inputs' dtype {q.dtype}, got {sinks.dtype} (npattn never casts silently)")
+        heads = tuple(q.shape[:-2]) or (1,)                               # (..., H); 2-D inputs: one head
+        sinks_shape = tuple(sinks.shape)
+        if len(sinks_shape) > len(heads) or not all(a in (1, b) for a, b in zip(reversed(sinks_shape), reversed(heads))):
+            raise ValueError(f"sinks of shape {sinks_shape} does not broadcast to the query heads {heads}")
+        full = xp.broadcast_to(xp.astype(sinks, ct), heads)
+        sinks = xp.reshape(full, lead + (G, R, 1, 1))                     # (..., G, R, 1, 1)
     return Scores(N=N, M=M, scale=check_scale(scale, q.shape[-1]), softcap=softcap, mask=mask,
                   mask_shape=mask_shape, slopes=slopes,
-                  lo=lo, hi=hi, lead=lead, G=G, R=R, like=q)
+                  lo=lo, hi=hi, lead=lead, G=G, R=R, like=q, sinks=sinks, sinks_shape=sinks_shape)
 
 
 def softcap_backward(ds5, t):
@@ -183,3 +205,54 @@ def mask_grad_block(xp, sc: Scores, ds5, rows):
     if axes:
         ds = xp.sum(ds, axis=axes, keepdims=True)
     return ds
+
+
+def sink_rows(xp, sc: Scores, rows: int):
+    """The sink logit of every query row, ``(..., G, R*rows, 1)``: the grouped tile layout of the
+    tiled op, one logit per head repeated down its rows (eq. (15.1))."""
+    sink = xp.broadcast_to(sc.sinks, sc.lead + (sc.G, sc.R, rows, 1))      # (..., G, R, rows, 1)
+    return xp.reshape(sink, sc.lead + (sc.G, sc.R * rows, 1))              # (..., G, R*rows, 1)
+
+
+def sink_grad(xp, sc: Scores, dsink_rows):
+    """``dsinks`` in the sinks' own shape from each row's share ``(..., H, N)``: summed over the rows
+    of a head (eq. (15.4)), then over the axes the sinks were broadcast along."""
+    dsink = xp.sum(dsink_rows, axis=-1)                                    # (..., H)
+    shape = sc.sinks_shape
+    extra = dsink.ndim - len(shape)
+    axes = tuple(range(extra)) + tuple(extra + a for a, n in enumerate(shape) if n == 1 and dsink.shape[extra + a] != 1)
+    if axes:
+        dsink = xp.sum(dsink, axis=axes, keepdims=True)
+    return xp.reshape(dsink, shape)
+
+
+def packed_sequences(q, k, v, cu_seqlens_q, cu_seqlens_k, mask) -> list:
+    """Validate packed variable-length inputs and return each sequence's ``(q rows, key rows)`` as
+    slices: ``q (H, total_q, D)``, ``k (G, total_k, D)``, ``v (G, total_k, Dv)``, sequence ``b``'s
+    queries ``cu_seqlens_q[b]:cu_seqlens_q[b+1]`` attend its keys ``cu_seqlens_k[b]:cu_seqlens_k[b+1]``
+    only: the block-diagonal mask of eq. (15.5), never built. The boundaries come to the host once
+    (``backend.host_index``): the loop over sequences is steered from there."""
+    if (cu_seqlens_q is None) != (cu_seqlens_k is None):
+        given = "cu_seqlens_q" if cu_seqlens_k is None else "cu_seqlens_k"
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k come as a pair; got only {given}")
+    if mask is not None:
+        raise ValueError("mask cannot be combined with cu_seqlens_q/cu_seqlens_k: packing is itself the "
+                         "block-diagonal mask (pass per-sequence rules as causal, window, alibi_slopes, sinks)")
+    if q.ndim != 3:
+        raise ValueError("packed sequences take q (H, total_q, D), k (G, total_k, D), v (G, total_k, Dv); "
+                         f"got q of shape {tuple(q.shape)}")
+    bounds = {}
+    for name, cu, total in (("cu_seqlens_q", cu_seqlens_q, q.shape[-2]), ("cu_seqlens_k", cu_seqlens_k, k.shape[-2])):
+        c = host_index(name, cu, 1)
+        if c.shape[0] < 1 or c[0] != 0:
+            raise ValueError(f"{name} must start at 0, got {c.tolist()}")
+        if (c[1:] < c[:-1]).any():
+            raise ValueError(f"{name} must be non-decreasing, got {c.tolist()}")
+        if c[-1] != total:
+            raise ValueError(f"{name} must end at the packed length {total} (axis -2), got {c.tolist()}")
+        bounds[name] = c
+    cq, ck = bounds["cu_seqlens_q"], bounds["cu_seqlens_k"]
+    if cq.shape != ck.shape:
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have the same length (S + 1), got {cq.shape[0]} "
+                         f"and {ck.shape[0]}")
+    return [(slice(int(cq[b]), int(cq[b + 1])), slice(int(ck[b]), int(ck[b + 1]))) for b in range(cq.shape[0] - 1)]
