@@ -5,9 +5,11 @@ import numpy as np
 from scipy.special import logsumexp, softmax
 
 
-def attention_reference(q, k, v, mask=None, causal=False, scale=None, softcap=None, alibi_slopes=None, window=None):
+def attention_reference(q, k, v, mask=None, causal=False, scale=None, softcap=None, alibi_slopes=None, window=None,
+                        sinks=None):
     """Returns ``(o, p, lse)`` for ``q (..., H, N, D)``, ``k, v (..., G, M, .)``, by loops, with the
-    variants written out per score: softcap, then the float mask and ALiBi, then every bool rule."""
+    variants written out per score: softcap, then the float mask and ALiBi, then every bool rule; a
+    sink is one more logit appended to the row (gpt-oss), softmaxed with it and dropped."""
     q, k, v = (np.asarray(a, dtype=np.float64) for a in (q, k, v))
     single = q.ndim == 2
     if single:
@@ -25,6 +27,8 @@ def attention_reference(q, k, v, mask=None, causal=False, scale=None, softcap=No
         full_mask = np.broadcast_to(mask if not single else np.asarray(mask)[None], lead + (n, m))
     if alibi_slopes is not None:
         slopes = np.broadcast_to(np.asarray(alibi_slopes, dtype=np.float64), lead)
+    if sinks is not None:
+        sink = np.broadcast_to(np.asarray(sinks, dtype=np.float64), lead)
     for idx in np.ndindex(*lead):
         for i in range(n):
             row = np.array([scale * np.dot(q[idx][i], k[idx][j]) for j in range(m)])
@@ -49,6 +53,12 @@ def attention_reference(q, k, v, mask=None, causal=False, scale=None, softcap=No
                 if right is not None:
                     allowed &= j <= i + m - n + right
             row = np.where(allowed, row, -np.inf)
+            if sinks is not None:
+                extended = np.append(row, sink[idx])
+                p[idx][i] = softmax(extended)[:-1]
+                lse[idx][i] = logsumexp(extended)
+                o[idx][i] = p[idx][i] @ v[idx]
+                continue
             if np.all(row == -np.inf):
                 continue                                    # no key: o, p stay 0, lse -inf
             p[idx][i] = softmax(row)

@@ -218,6 +218,8 @@ def sink_grad(xp, sc: Scores, dsink_rows):
     """``dsinks`` in the sinks' own shape from each row's share ``(..., H, N)``: summed over the rows
     of a head (eq. (15.4)), then over the axes the sinks were broadcast along."""
     dsink = xp.sum(dsink_rows, axis=-1)                                    # (..., H)
+    if dsink.ndim == 0:                                                    # 2-D inputs: one head
+        dsink = xp.reshape(dsink, (1,))
     shape = sc.sinks_shape
     extra = dsink.ndim - len(shape)
     axes = tuple(range(extra)) + tuple(extra + a for a, n in enumerate(shape) if n == 1 and dsink.shape[extra + a] != 1)
