@@ -37,7 +37,8 @@ import numpy as np
 from .ops import attention_backward, attention_forward, flash_attention_backward, flash_attention_forward
 from .ops.flash import default_tiling
 
-__all__ = ["BenchConfig", "run_bench", "format_table", "LayersConfig", "run_layers_bench", "machine"]
+__all__ = ["BenchConfig", "run_bench", "format_table", "LayersConfig", "run_layers_bench", "BeyondConfig",
+           "run_beyond_bench", "machine"]
 
 @dataclass
 class BenchConfig:
@@ -484,9 +485,133 @@ LAYERS_HEADER = f"{'bench':<16}{'setting':<30}{'impl':<15}{'median ms':>10} {'[m
 
 
 def format_layers_row(r: dict) -> str:
-    """``ratio`` is npattn / torch for the timed rows and flash / naive for the memory rows."""
+    """``ratio`` is npattn / torch for the timed rows and flash / naive for the memory rows; in the
+    ``beyond`` suite, this row / the first row of its bench."""
     t = f"{r['median_ms']:>10.1f}" if r["median_ms"] is not None else f"{'-':>10}"
     spread = f"[{r['min_ms']:.1f} - {r['max_ms']:.1f}]" if r["min_ms"] is not None else "-"
     ratio = f"{r['vs']:.3f}" if r["vs"] is not None else "-"
     peak = f"{r['peak_mib']:.1f}" if r["peak_mib"] is not None else "-"
     return f"{r['bench']:<16}{r['setting']:<30}{r['impl']:<15}{t} {spread:>19}{ratio:>8}{peak:>10}"
+
+
+# ``npattn bench --suite beyond``: attention beyond the dense op (derivations 15-18), each against the
+# computation it replaces, side by side in one run.
+
+@dataclass
+class BeyondConfig:
+    """The settings of the targets in benchmarks/RESULTS.md, "Beyond the dense op" (float32)."""
+
+    packed: tuple = (64, 128, 256, 384, 512, 1024, 1536, 2048)   # sequence lengths N_b = M_b, packed
+    packed_heads: int = 8
+    overhead: tuple = (1, 8, 4096, 64)       # B, H, N, D: the tiled op with and without sinks / cu_seqlens
+    paged: tuple = (8, 8, 4096, 64, 256)     # B, H, keys per sequence, D, page size; one query (decode)
+    linear: tuple = (8, 64, (4096, 16384))   # H, D, lengths: causal linear attention
+    dense: bool = True                       # also time the dense ops with the block-diagonal mask (slow)
+    repeats: int = 3
+    memory: bool = True
+    seed: int = 0
+
+
+def run_beyond_bench(cfg: BeyondConfig, progress=None) -> list[dict]:
+    """Packed vs per-sequence calls vs the dense ops with the block-diagonal mask; the tiled op with
+    and without sinks and cu_seqlens; paged decoding vs the tiled op on gathered keys (time and the
+    peak memory above the inputs); causal linear attention at two lengths (time and peak)."""
+    from .ops.linear_attention import linear_attention_backward, linear_attention_forward
+    from .ops.paged import paged_attention_backward, paged_attention_forward
+
+    rows = []
+    rng = np.random.default_rng(cfg.seed)
+    f32 = np.float32
+
+    def emit(bench, setting, impl, timing, vs, peak=None):
+        row = dict(bench=bench, setting=setting, impl=impl, vs=vs, peak_mib=peak, **timing)
+        rows.append(row)
+        if progress:
+            progress(row)
+
+    def normal(shape):
+        return rng.standard_normal(shape).astype(f32)
+
+    def pair(forward, backward, *args, **kwargs):
+        """fwd+bwd of one call, with a fixed dout."""
+        o, _ = forward(*args, **kwargs)
+        dout = normal(o.shape)
+
+        def run():
+            _, cache = forward(*args, **kwargs)
+            backward(dout, cache)
+        return run
+
+    # 1. packed sequences: eq. (15.6) against the per-sequence calls and the block-diagonal dense ops
+    lens, h = list(cfg.packed), cfg.packed_heads
+    cu = np.concatenate([[0], np.cumsum(lens)])
+    total = int(cu[-1])
+    q, k, v = normal((h, total, 64)), normal((h, total, 64)), normal((h, total, 64))
+    setting = f"H={h} D=64 S={len(lens)} total={total}"
+    packed = pair(flash_attention_forward, flash_attention_backward, q, k, v, causal=True, cu_seqlens_q=cu,
+                  cu_seqlens_k=cu)
+    singles = [pair(flash_attention_forward, flash_attention_backward, q[:, a:b], k[:, a:b], v[:, a:b], causal=True)
+               for a, b in zip(cu[:-1], cu[1:])]
+
+    def per_sequence():
+        for run in singles:
+            run()
+
+    mine, theirs = _interleaved(packed, per_sequence, cfg.repeats)
+    emit("packed causal", setting, "tiled packed", mine, 1.0)
+    emit("packed causal", setting, "tiled per seq.", theirs, theirs["median_ms"] / mine["median_ms"])
+    if cfg.dense:
+        block = np.zeros((total, total), dtype=bool)
+        for a, b in zip(cu[:-1], cu[1:]):
+            block[a:b, a:b] = np.tril(np.ones((b - a, b - a), dtype=bool))
+        for name, fwd, bwd in (("tiled dense", flash_attention_forward, flash_attention_backward),
+                               ("naive dense", attention_forward, attention_backward)):
+            t = _timed(pair(fwd, bwd, q, k, v, mask=block), max(1, cfg.repeats - 2))
+            emit("packed causal", setting, name, t, t["median_ms"] / mine["median_ms"])
+        del block
+
+    # 2. sinks and cu_seqlens on the same shapes: what each adds to the tiled op
+    b, h, n, d = cfg.overhead
+    q, k, v = normal((b * h, n, d)), normal((b * h, n, d)), normal((b * h, n, d))
+    setting = f"B*H={b * h} N={n} D={d}"
+    plain = pair(flash_attention_forward, flash_attention_backward, q, k, v)
+    sinks = pair(flash_attention_forward, flash_attention_backward, q, k, v, sinks=normal(b * h))
+    one = np.array([0, n])
+    varlen = pair(flash_attention_forward, flash_attention_backward, q, k, v, cu_seqlens_q=one, cu_seqlens_k=one)
+    base, with_sinks = _interleaved(plain, sinks, cfg.repeats)
+    _, with_varlen = _interleaved(plain, varlen, cfg.repeats)
+    emit("tiled overhead", setting, "plain", base, 1.0)
+    emit("tiled overhead", setting, "sinks", with_sinks, with_sinks["median_ms"] / base["median_ms"])
+    emit("tiled overhead", setting, "cu_seqlens", with_varlen, with_varlen["median_ms"] / base["median_ms"])
+
+    # 3. paged decoding: pages as key tiles vs the tiled op on the gathered keys
+    b, h, m, d, page = cfg.paged
+    per_seq = -(-m // page)
+    k_pages, v_pages = normal((b * per_seq, h, page, d)), normal((b * per_seq, h, page, d))
+    table = rng.permutation(b * per_seq).reshape(b, per_seq)                 # pages scattered over the pool
+    seqlens = np.full(b, m)
+    q = normal((b, h, 1, d))
+    k_full = np.ascontiguousarray(np.stack([k_pages[table[i]].transpose(1, 0, 2, 3).reshape(h, -1, d)[:, :m]
+                                            for i in range(b)]))       # (B, H, M, D), for the tiled op
+    v_full = np.ascontiguousarray(np.stack([v_pages[table[i]].transpose(1, 0, 2, 3).reshape(h, -1, d)[:, :m]
+                                            for i in range(b)]))
+    setting = f"B={b} H={h} N=1 M={m} page={page}"
+    paged = pair(paged_attention_forward, paged_attention_backward, q, k_pages, v_pages, table, seqlens)
+    gathered = pair(flash_attention_forward, flash_attention_backward, q, k_full, v_full)
+    mine, theirs = _interleaved(paged, gathered, cfg.repeats)
+    peaks = (_peak_bytes(paged) / 2**20, _peak_bytes(gathered) / 2**20) if cfg.memory else (None, None)
+    emit("paged decode", setting, "paged", mine, 1.0, peaks[0])
+    emit("paged decode", setting, "tiled gathered", theirs, theirs["median_ms"] / mine["median_ms"], peaks[1])
+    del k_full, v_full, k_pages, v_pages
+
+    # 4. causal linear attention: time and peak memory at two lengths
+    h, d, lengths = cfg.linear
+    first = None
+    for n in lengths:
+        q, k, v = normal((h, n, d)), normal((h, n, d)), normal((h, n, d))
+        run = pair(linear_attention_forward, linear_attention_backward, q, k, v, causal=True)
+        t = _timed(run, cfg.repeats)
+        first = first or t["median_ms"]
+        peak = _peak_bytes(run) / 2**20 if cfg.memory else None
+        emit("linear causal", f"H={h} D={d} N={n}", "linear", t, t["median_ms"] / first, peak)
+    return rows

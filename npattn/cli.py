@@ -21,7 +21,7 @@ def check(args) -> int:
     where = "" if args.backend == "numpy" else f", on {args.backend}" + (f" ({args.device})" if args.device else "")
     print(f"npattn check: {len(selected)} cases, float64 central differences, random dout (seed {args.seed}), "
           f"mode={args.mode} (layers: directional){where}", flush=True)
-    header = f"{'op':<14}{'case':<34}{'input':<22}{'shape':<13}{'max abs err':>12}{'max rel err':>12}  ok"
+    header = f"{'op':<14}{'case':<40}{'input':<22}{'shape':<13}{'max abs err':>12}{'max rel err':>12}  ok"
     print(header)
     print("-" * len(header), flush=True)
     t0, failed, worst, zeros = time.perf_counter(), [], {}, 0
@@ -32,7 +32,7 @@ def check(args) -> int:
             # compare: its relative error means nothing, so it is marked and left out of the summary
             zero = r.max_rel_err > 0 and r.max_abs_err / r.max_rel_err <= case.atol
             rel = "   (grad = 0)" if zero and r.ok else f"{r.max_rel_err:>12.2e}"
-            print(f"{case.op:<14}{case.name:<34}{r.name:<22}{str(r.shape):<13}{r.max_abs_err:>12.2e}"
+            print(f"{case.op:<14}{case.name:<40}{r.name:<22}{str(r.shape):<13}{r.max_abs_err:>12.2e}"
                   f"{rel}  {'ok' if r.ok else 'FAIL'}", flush=True)
             zeros += zero
             if not zero:
@@ -58,6 +58,8 @@ def bench(args) -> int:
 
     if args.suite == "layers":
         return bench_layers(args)
+    if args.suite == "beyond":
+        return bench_beyond(args)
 
     if "tiled-window" in args.impl and args.window is None:
         print("--impl tiled-window needs --window LEFT RIGHT", file=sys.stderr)
@@ -118,6 +120,20 @@ def bench_layers(args) -> int:
     return 0
 
 
+def bench_beyond(args) -> int:
+    from .bench import LAYERS_HEADER, BeyondConfig, format_layers_row, machine, run_beyond_bench, write_json
+
+    cfg = BeyondConfig(repeats=args.repeats, memory=not args.no_memory, seed=args.seed)
+    print(f"npattn bench --suite beyond: float32, fwd+bwd, median of {cfg.repeats}; ratio = row / the bench's "
+          f"first row; peak = NumPy allocations above the inputs; {machine()}", flush=True)
+    print(LAYERS_HEADER, flush=True)
+    rows = run_beyond_bench(cfg, progress=lambda row: print(format_layers_row(row), flush=True))
+    if args.json:
+        write_json(args.json, cfg, rows)
+        print(f"wrote {args.json}")
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     from .bench import BenchConfig
 
@@ -144,8 +160,9 @@ def _parser() -> argparse.ArgumentParser:
         return {"yes": True, "true": True, "1": True, "no": False, "false": False, "0": False}[text.lower()]
 
     b = sub.add_parser("bench", help="time and peak memory of naive vs tiled attention (or of the layers)")
-    b.add_argument("--suite", choices=["attention", "layers"], default="attention",
-                   help="attention: the ops (default); layers: MHA, flash-layer memory, a GPT training step vs torch")
+    b.add_argument("--suite", choices=["attention", "layers", "beyond"], default="attention",
+                   help="attention: the ops (default); layers: MHA, flash-layer memory, a GPT training step vs "
+                        "torch; beyond: packed, sinks, paged decoding, linear attention")
     b.add_argument("--n", type=int, nargs="+", default=d.lengths, help="sequence lengths N = M")
     b.add_argument("--dtype", nargs="+", default=d.dtypes, choices=["float32", "float64"])
     b.add_argument("--causal", type=truth, nargs="+", default=d.causal, help="yes and/or no")

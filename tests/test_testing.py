@@ -1,4 +1,4 @@
-"""npattn/testing.py: the reference in one call, the battery on a correct torch kernel and on one
+"""npattn/testing/: the reference in one call, the battery on a correct torch kernel and on one
 kernel per planted convention bug (each must fail and be named), and golden files."""
 
 import math

@@ -1,13 +1,9 @@
-"""Checking someone else's attention: the float64 truth in one call, a battery that finds convention
-bugs and names them, and golden files for a kernel's own CI.
+"""Checking someone else's attention: a battery that finds convention bugs and names them.
 
-- ``reference(q, k, v, *, dout=None, dlse=None, **kwargs)``: ``o, lse, p`` and the gradients, float64
-  NumPy, from NumPy arrays, anything ``numpy.asarray`` takes, or torch tensors on any device.
 - ``check_attention(fn, ...)``: runs ``fn(q, k, v, *, mask=None, causal=False, scale=None)`` (torch
   tensors in and out, returning ``o`` or ``(o, lse)``) on cases chosen to expose convention bugs,
   takes its gradients with torch autograd, compares with the reference, and for the failures tries
   the known wrong conventions (``DIAGNOSES``) to name the one the kernel follows.
-- ``write_golden(out_dir)``: ``.npz`` cases with an index, for a CI without npattn.
 
 Guide: docs/kernel-authors.md. Conventions: bool masks True = attend; causal bottom-right
 (``j <= i + M - N``); grouped-query head ``h`` uses kv head ``h // (H // G)``; ``lse`` natural log.
@@ -15,19 +11,15 @@ Guide: docs/kernel-authors.md. Conventions: bool masks True = attend; causal bot
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 
-from .backend import to_numpy
-from .ops import attention_forward, flash_attention_backward, flash_attention_forward
+from .reference import reference
 
-__all__ = ["Reference", "reference", "check_attention", "CheckReport", "CheckRow", "AttentionCase", "default_cases",
-           "DIAGNOSES", "write_golden", "load_golden"]
+__all__ = ["check_attention", "CheckReport", "CheckRow", "AttentionCase", "default_cases", "DIAGNOSES"]
 
 DIAGNOSES = {
     "causal-top-left": "causal aligned top-left (j <= i, torch's is_causal) instead of bottom-right (j <= i + M - N); "
@@ -42,41 +34,6 @@ DIAGNOSES = {
     "masked-row-uniform": "a query row with no allowed key averages all values (a large negative fill such "
                           "as -1e9 or finfo.min instead of -inf); it should give 0",
 }
-
-
-class Reference(NamedTuple):
-    """float64 NumPy arrays; the gradients are None without ``dout``/``dlse``."""
-
-    o: np.ndarray
-    lse: np.ndarray
-    p: np.ndarray
-    dq: Optional[np.ndarray]
-    dk: Optional[np.ndarray]
-    dv: Optional[np.ndarray]
-
-
-def _f64(x):
-    if x is None:
-        return None
-    a = to_numpy(x) if hasattr(x, "__array_namespace__") or hasattr(x, "detach") else np.asarray(x)
-    return a if a.dtype == bool else np.asarray(a, dtype=np.float64)
-
-
-def reference(q, k, v, *, dout=None, dlse=None, **attention_kwargs) -> Reference:
-    """The float64 truth for ``q (..., H, N, D)``, ``k (..., G, M, D)``, ``v (..., G, M, Dv)``:
-    ``o``, ``lse``, ``p`` and, given ``dout`` (and/or ``dlse``), ``dq, dk, dv``. Keyword arguments
-    are ``attention_forward``'s (mask, causal, scale, softcap, alibi_slopes, window); no dropout."""
-    if "dropout_p" in attention_kwargs:
-        raise ValueError("reference has no dropout: its masks are random, not a reference")
-    q64, k64, v64 = _f64(q), _f64(k), _f64(v)
-    kwargs = {name: _f64(val) if hasattr(val, "shape") else val for name, val in attention_kwargs.items()}
-    o, cache = flash_attention_forward(q64, k64, v64, workers=1, **kwargs)
-    _, naive = attention_forward(q64, k64, v64, workers=1, **kwargs)
-    dq = dk = dv = None
-    if dout is not None or dlse is not None:
-        g = np.zeros_like(o) if dout is None else _f64(dout)
-        dq, dk, dv = flash_attention_backward(g, cache, dlse=None if dlse is None else _f64(dlse))
-    return Reference(o=o, lse=cache.lse, p=np.asarray(naive.p), dq=dq, dk=dk, dv=dv)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -323,47 +280,3 @@ def _diagnose(failing, dtype, rtol) -> list:
             matches = all(_close(got[o], alt[o], tol) for o in outputs)
             verdicts.setdefault(code, []).append(matches)
     return [code for code in DIAGNOSES if code in verdicts and all(verdicts[code])]
-
-
-# ----------------------------------------------------------------------------------------------
-# golden files
-
-def write_golden(out_dir: str, *, dtype: str = "float64", seed: int = 0, cases=None) -> list:
-    """One ``.npz`` per case (inputs, the keyword arguments as JSON, ``o``, ``lse``, ``dout``,
-    ``dlse`` and ``dq, dk, dv`` with both ``dout`` and ``dlse`` flowing) and ``index.json``.
-    ``dtype`` is the dtype the inputs are rounded to (the answers are always float64)."""
-    os.makedirs(out_dir, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    index = []
-    for i, case in enumerate(default_cases() if cases is None else cases):
-        arrays = _case_arrays(case, rng)
-        for name in ("q", "k", "v"):
-            arrays[name] = arrays[name].astype(dtype).astype(np.float64)
-        kwargs = dict(causal=case.causal)
-        ref = reference(arrays["q"], arrays["k"], arrays["v"], mask=arrays.get("mask"), dout=arrays["dout"],
-                        dlse=arrays["dlse"], **kwargs)
-        fname = f"case{i:02d}.npz"
-        payload = dict(q=arrays["q"], k=arrays["k"], v=arrays["v"], dout=arrays["dout"], dlse=arrays["dlse"],
-                       o=ref.o, lse=ref.lse, dq=ref.dq, dk=ref.dk, dv=ref.dv, kwargs=np.array(json.dumps(kwargs)))
-        if "mask" in arrays:
-            payload["mask"] = arrays["mask"]
-        np.savez(os.path.join(out_dir, fname), **payload)
-        index.append(dict(file=fname, case=case.name, shape=dict(zip("BHGNMD", case.shape)), causal=case.causal,
-                          mask=case.mask, input_dtype=dtype))
-    with open(os.path.join(out_dir, "index.json"), "w") as f:
-        json.dump(dict(conventions=dict(mask="bool True = may attend; float mask added",
-                                        causal="bottom-right: j <= i + M - N",
-                                        gqa="query head h uses kv head h // (H // G)",
-                                        lse="natural log; -inf for a row that sees no key",
-                                        gradients="of sum(o * dout) + sum(lse * dlse)"),
-                       cases=index), f, indent=1)
-    return index
-
-
-def load_golden(path: str) -> dict:
-    """One golden case as a dict of arrays, with ``kwargs`` decoded (the five-line loader of
-    docs/kernel-authors.md does the same without npattn)."""
-    with np.load(path) as data:
-        case = {name: data[name] for name in data.files}
-    case["kwargs"] = json.loads(str(case["kwargs"]))
-    return case
