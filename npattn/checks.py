@@ -196,7 +196,7 @@ def cases(seed: int = 0) -> list[Case]:
              dict(mask=normal((5, 6)), block_q=4, block_k=4)),
         Case("flash", "dlse, causal N < M", *lse_pair, qkv((2,), 2, 1, 4, 6, 3, 2),
              dict(causal=True, block_q=3, block_k=4)),
-    ] + variant_cases(rng) + transformer_cases(rng)
+    ] + variant_cases(rng) + beyond_dense_cases(seed) + transformer_cases(rng)
 
 
 def mask_grad_pair(forward, backward):
@@ -235,6 +235,146 @@ def variant_cases(rng) -> list[Case]:
         Case("flash", "all variants + dlse", *lse_pair, qkv(), dict(everything, **tiles)),
         Case("flash", "dmask (N, M) + variants", *mask_grad_pair(*fl),
              dict(qkv(), mask=normal((5, 7))), dict(everything, **tiles)),
+    ]
+
+
+def beyond_dense_cases(seed: int) -> list[Case]:
+    """Attention beyond the dense op: sinks and packed sequences on both ops, the paged KV cache,
+    the split-KV combine, linear attention. Each family draws from its own generator, so adding a
+    case to one leaves the others' inputs as they were."""
+    return (sink_varlen_cases(np.random.default_rng([seed, 1])) + paged_cases(np.random.default_rng([seed, 2]))
+            + combine_cases(np.random.default_rng([seed, 3]))
+            + linear_attention_cases(np.random.default_rng([seed, 4])))
+
+
+def sink_pair(forward, backward, **fixed):
+    """An attention pair whose sinks are an input (a learnable logit per head): the backward's last
+    gradient is dsinks."""
+    def pair_forward(q, k, v, sinks, **kwargs):
+        return forward(q, k, v, sinks=sinks, **fixed, **kwargs)
+
+    return pair_forward, backward
+
+
+def sink_varlen_cases(rng) -> list[Case]:
+    """Learnable sinks and packed variable-length sequences, on the naive and the tiled op."""
+    normal = rng.standard_normal
+    att, fl = (attention_forward, attention_backward), (flash_attention_forward, flash_attention_backward)
+    lse_pair = (flash_with_lse_forward, flash_with_lse_backward)
+    tiles = dict(block_q=2, block_k=3)
+    cu_q, cu_k = np.array([0, 3, 3, 7]), np.array([0, 2, 5, 9])          # 3 sequences, one with no query
+
+    def qkv(lead=(2,), n=5, m=7):
+        return dict(q=normal(lead + (4, n, 3)), k=normal(lead + (2, m, 3)), v=normal(lead + (2, m, 2)))
+
+    packed = dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+    return [
+        Case("attention", "sinks (H,), causal N > M", *sink_pair(*att), dict(qkv(n=7, m=4), sinks=normal(4)),
+             dict(causal=True)),
+        Case("attention", "sinks (B, H) + all variants", *sink_pair(*att), dict(qkv(), sinks=normal((2, 4))),
+             dict(softcap=1.5, window=(3, 1), causal=True, alibi_slopes=np.array([0.5, 0.25, 0.125, 0.0625]))),
+        Case("flash", "sinks + dlse, ragged tiles", *sink_pair(*lse_pair), dict(qkv(), sinks=normal(4)),
+             dict(causal=True, **tiles)),
+        Case("attention", "packed, 3 sequences, causal", *att, qkv((), 7, 9), dict(causal=True, **packed)),
+        Case("flash", "packed + sinks + dlse, window", *sink_pair(*lse_pair), dict(qkv((), 7, 9), sinks=normal(4)),
+             dict(window=(2, 0), **packed, **tiles)),
+        Case("flash", "packed, top-left causal", *fl, qkv((), 7, 9), dict(causal="top-left", **packed, **tiles)),
+    ]
+
+
+def paged_cases(rng) -> list[Case]:
+    """The paged KV cache (ops/paged.py): prefix-shared pages (their gradients sum), -1 padding in the
+    block table, lengths that are not multiples of the page size, decoding (N = 1), every variant,
+    sinks and dlse. ``block_table`` and ``seqlens`` ride in the kwargs (integer, no gradient row);
+    the pair below drops their two ``None`` gradients so the rows are q, k_pages, v_pages (, sinks)."""
+    from .ops.paged import paged_attention_backward, paged_attention_forward
+
+    def paged_pair(with_lse):
+        def forward(q, k_pages, v_pages, sinks=None, *, block_table, seqlens, **kwargs):
+            o, cache = paged_attention_forward(q, k_pages, v_pages, block_table, seqlens, sinks=sinks, **kwargs)
+            return ((o, cache.lse) if with_lse else o), cache
+
+        def backward(dout, cache):
+            dout, dlse = dout if with_lse else (dout, None)
+            grads = paged_attention_backward(dout, cache, dlse=dlse)
+            return grads[:3] + grads[5:]                                   # (dq, dk_pages, dv_pages[, dsinks])
+
+        return forward, backward
+
+    normal = rng.standard_normal
+
+    def pool(p, g, page_size, d, dv):
+        return dict(k_pages=normal((p, g, page_size, d)), v_pages=normal((p, g, page_size, dv)))
+
+    # sequence 0: pages 0, 1 (3 keys); sequence 1: pages 0, 3, 4 (5 keys) -- page 0 is a shared prefix,
+    # page 2 is read by nobody, -1 pads the table
+    shared = dict(block_table=np.array([[0, 1, -1], [0, 3, 4]]), seqlens=np.array([3, 5]))
+    slopes = np.array([0.5, 0.25, 0.125, 0.0625])
+    return [
+        Case("paged", "GQA 4/2, shared page, causal", *paged_pair(False),
+             dict(q=normal((2, 4, 2, 3)), **pool(5, 2, 2, 3, 2)), dict(shared, causal=True)),
+        Case("paged", "N=1, softcap + ALiBi + window", *paged_pair(False),
+             dict(q=normal((2, 4, 1, 3)), **pool(5, 2, 2, 3, 2)),
+             dict(shared, softcap=1.5, alibi_slopes=slopes, window=(3, 0))),
+        Case("paged", "sinks + dlse, top-left, MQA", *paged_pair(True),
+             dict(q=normal((2, 3, 3, 2)), **pool(4, 1, 3, 2, 3), sinks=normal(3)),
+             dict(block_table=np.array([[2, 0], [1, 2]]), seqlens=np.array([4, 6]), causal="top-left")),
+    ]
+
+
+def combine_cases(rng) -> list[Case]:
+    """The split-KV combine (ops/combine.py): the combine alone with both output gradients (a part
+    that is empty in some rows, lse spread wide), and ring attention, the combine between per-chunk
+    tiled forwards and backwards, checked against finite differences of q, k, v themselves."""
+    from .ops.combine import (combine_attention, combine_attention_backward, ring_attention_backward,
+                              ring_attention_forward)
+
+    normal = rng.standard_normal
+    pair = (combine_attention, combine_attention_backward)
+    lse = 3 * normal((3, 2, 3, 4))                          # (S, B, H, N)
+    lse[1, 0, 2, 1] = -np.inf                              # part 1 saw no key in one row: weighs 0
+    lse[:2, 1, 0, 3] = -np.inf                             # only part 2 in another row
+
+    def ring_with_lse_forward(q, k, v, **kwargs):           # ring attention seen as (o, lse), for dlse
+        o, cache = ring_attention_forward(q, k, v, **kwargs)
+        return (o, cache.lse), cache
+
+    def ring_with_lse_backward(douts, cache):
+        return ring_attention_backward(douts[0], cache, dlse=douts[1])
+
+    ring = (ring_with_lse_forward, ring_with_lse_backward)
+    qkv = dict(q=normal((2, 4, 5, 3)), k=normal((2, 2, 9, 3)), v=normal((2, 2, 9, 2)))   # GQA H=4 G=2
+    return [
+        Case("combine", "S=3 (B, H, N, Dv), empty parts", *pair,
+             dict(o_parts=normal((3, 2, 3, 4, 2)), lse_parts=lse), {}),
+        Case("combine", "S=2 one head, lse 20 apart", *pair,
+             dict(o_parts=normal((2, 5, 3)), lse_parts=normal((2, 5)) + np.array([[10.0], [-10.0]])), {}),
+        Case("combine", "ring: 4 chunks, 1 empty, GQA", *ring, qkv, dict(bounds=(0, 3, 3, 7, 9))),
+        Case("combine", "ring: causal, future chunks", *ring, qkv,
+             dict(bounds=(0, 2, 6, 9), causal=True, block_q=2, block_k=3)),
+    ]
+
+
+def linear_attention_cases(rng) -> list[Case]:
+    """Linear attention (ops/linear_attention.py): causal chunks that do not divide N, both causal
+    alignments, N != M both ways (rows that see no key), grouped heads, normalize on and off."""
+    from .ops.linear_attention import linear_attention_backward, linear_attention_forward
+
+    normal = rng.standard_normal
+    pair = (linear_attention_forward, linear_attention_backward)
+
+    def qkv(lead, h, g, n, m, d, dv):
+        return dict(q=normal(lead + (h, n, d)), k=normal(lead + (g, m, d)), v=normal(lead + (g, m, dv)))
+
+    return [
+        Case("linear_attention", "causal GQA 4/2, N < M, chunk 2", *pair, qkv((2,), 4, 2, 5, 7, 3, 2),
+             dict(causal=True, chunk=2)),
+        Case("linear_attention", "causal N > M, eps=0, chunk 3", *pair, qkv((1,), 2, 2, 7, 4, 3, 2),
+             dict(causal=True, chunk=3, eps=0.0)),
+        Case("linear_attention", "not causal, MQA, N > M", *pair, qkv((2,), 3, 1, 6, 4, 2, 3), {}),
+        Case("linear_attention", "top-left, unnormalized, 2-D", *pair,
+             dict(q=normal((5, 3)), k=normal((6, 3)), v=normal((6, 2))),
+             dict(causal="top-left", normalize=False, chunk=2)),
     ]
 
 

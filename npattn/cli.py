@@ -21,7 +21,7 @@ def check(args) -> int:
     where = "" if args.backend == "numpy" else f", on {args.backend}" + (f" ({args.device})" if args.device else "")
     print(f"npattn check: {len(selected)} cases, float64 central differences, random dout (seed {args.seed}), "
           f"mode={args.mode} (layers: directional){where}", flush=True)
-    header = f"{'op':<14}{'case':<40}{'input':<22}{'shape':<13}{'max abs err':>12}{'max rel err':>12}  ok"
+    header = f"{'op':<18}{'case':<40}{'input':<22}{'shape':<13}{'max abs err':>12}{'max rel err':>12}  ok"
     print(header)
     print("-" * len(header), flush=True)
     t0, failed, worst, zeros = time.perf_counter(), [], {}, 0
@@ -32,7 +32,7 @@ def check(args) -> int:
             # compare: its relative error means nothing, so it is marked and left out of the summary
             zero = r.max_rel_err > 0 and r.max_abs_err / r.max_rel_err <= case.atol
             rel = "   (grad = 0)" if zero and r.ok else f"{r.max_rel_err:>12.2e}"
-            print(f"{case.op:<14}{case.name:<40}{r.name:<22}{str(r.shape):<13}{r.max_abs_err:>12.2e}"
+            print(f"{case.op:<18}{case.name:<40}{r.name:<22}{str(r.shape):<13}{r.max_abs_err:>12.2e}"
                   f"{rel}  {'ok' if r.ok else 'FAIL'}", flush=True)
             zeros += zero
             if not zero:

@@ -48,7 +48,8 @@ def test_every_chapter_exists():
     names = [p.name for p in DERIVATIONS]
     for prefix in ("00-notation", "01-linear", "02-softmax", "03-attention", "04-online-softmax", "05-flash-backward",
                    "06-multihead", "07-layernorm", "08-activations", "09-embeddings-positions", "10-cross-entropy",
-                   "11-transformer-block", "12-kv-cache", "13-variants", "14-parallel-tiles"):
+                   "11-transformer-block", "12-kv-cache", "13-variants", "14-parallel-tiles",
+                   "15-sinks-varlen", "16-paged-kv-cache", "17-split-kv-combine", "18-linear-attention"):
         assert f"{prefix}.md" in names
 
 
@@ -134,7 +135,10 @@ def _have_gpu() -> bool:
 
 def test_readme_examples_run():
     namespace, ran_hf = {}, False
-    for code in re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S):
+    text = (ROOT / "README.md").read_text()
+    for found in re.finditer(r"```python\n(.*?)```", text, flags=re.S):
+        # padded with the lines above it, so a failure points at its own line of README.md
+        code = "\n" * text[:found.start(1)].count("\n") + found.group(1)
         if "import numpy as np, torch, transformers" in code:
             if importlib.util.find_spec("transformers") is None or importlib.util.find_spec("torch") is None:
                 continue                          # the Hugging Face example needs the optional oracle
