@@ -117,6 +117,9 @@ class _PageWalk:
         for p in self.slots:                                                 # a slot a sequence does not read:
             ids[p, ~read[p]] = ids[p, read[p]][0]                            # any page that is read, masked out
         self.ids, self.read = ids, read                                      # host (n_slots, B)
+        # a slot whose every row is a key of the sequence reading it (the usual page of a long
+        # sequence) needs no zeroing: only partly filled last pages and stand-ins do
+        self.whole = read.all(axis=1) & (j1 - j0 == S).all(axis=1)          # host (n_slots,)
         like, dev = q, device(q)
         self.ids_dev = from_numpy(xp, ids, like)                             # (n_slots, B) on the device
         self.read_dev = from_numpy(xp, read, like)                           # (n_slots, B)
@@ -138,6 +141,8 @@ class _PageWalk:
         Derivation: derivations/16-paged-kv-cache.md, eqs. (16.1), (16.3)."""
         xp = self.xp
         tile = to_compute(xp, xp.take(pages, self.ids_dev[p, ...], axis=0))  # (B, G, S, C): the gather
+        if self.whole[p]:                                                   # every row a key: nothing to hide
+            return tile, None
         j = self.rows + p * self.S                                          # (1, 1, 1, 1, S) key positions
         key = xp.logical_and(j < self.m_b, xp.reshape(self.read_dev[p, ...], (self.B, 1, 1, 1, 1)))
         return xp.where(xp.reshape(key, (self.B, 1, self.S, 1)), tile, self.zero), key   # (B, G, S, C)
@@ -157,12 +162,15 @@ class _PageWalk:
         if self.slopes is not None:                                         # eq. (13.2): |i + M_b - N - j|
             dist = xp.abs(self.i + self.m_b - N - j)                        # (B, 1, 1, N, S)
             s5 = s5 - self.slopes * xp.astype(dist, s5.dtype)               # (B, G, R, N, S)
-        allowed = key                                                       # (B, 1, 1, 1, S)
+        allowed = key                                                       # (B, 1, 1, 1, S), None: all keys
         if self.hi_b is not None:                                           # eq. (13.3), eq. (16.2)
-            allowed = xp.logical_and(allowed, j <= self.i + self.hi_b)      # (B, 1, 1, N, S)
+            band = j <= self.i + self.hi_b                                  # (B, 1, 1, N, S)
+            allowed = band if allowed is None else xp.logical_and(allowed, band)
         if self.lo_b is not None:
-            allowed = xp.logical_and(allowed, j >= self.i + self.lo_b)      # (B, 1, 1, N, S)
-        s5 = xp.where(allowed, s5, self.neg_inf)                            # (B, G, R, N, S)
+            band = j >= self.i + self.lo_b                                  # (B, 1, 1, N, S)
+            allowed = band if allowed is None else xp.logical_and(allowed, band)
+        if allowed is not None:
+            s5 = xp.where(allowed, s5, self.neg_inf)                        # (B, G, R, N, S)
         shape = (B, G, R * N, S)
         return xp.reshape(s5, shape), None if t is None else xp.reshape(t, shape)   # (B, G, R*N, S)
 
@@ -395,8 +403,8 @@ def paged_attention_backward(dout, cache: PagedCache, *, dlse=None):
         # page adds its share in turn: a shared page sums, in a fixed order (b ascending).
         for b in np.flatnonzero(walk.read[p]).tolist():
             u = int(walk.ids[p, b])
-            dk_pages[u, ...] = dk_pages[u, ...] + dk_p[b, ...]
-            dv_pages[u, ...] = dv_pages[u, ...] + dv_p[b, ...]
+            dk_pages[u, ...] += dk_p[b, ...]                                # in place: our own buffers
+            dv_pages[u, ...] += dv_p[b, ...]
     dq *= walk.scale
     dt = q.dtype
     grads = (xp.astype(xp.reshape(dq, (B, H, N, D)), dt, copy=False), xp.astype(dk_pages, dt, copy=False),
