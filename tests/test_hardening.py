@@ -241,3 +241,56 @@ def test_wide_inputs_give_a_named_error_or_the_truth(op):
             assert np.all(np.isnan(o)[np.isnan(o_ref)] | ~np.isnan(o_ref)[np.isnan(o_ref)])
 
     check()
+
+
+# --- issue 22: the ops' findings from the outside probe and the hidden contract ---------------------
+
+ATTENTION_OPS = [(attention_forward, attention_backward), (flash_attention_forward, flash_attention_backward)]
+
+
+@pytest.mark.parametrize("forward, backward", ATTENTION_OPS)
+def test_a_huge_window_side_means_unbounded(rng, forward, backward):
+    q, k, v = rng.standard_normal((2, 5, 3)), rng.standard_normal((2, 7, 3)), rng.standard_normal((2, 7, 2))
+    for huge in (2**70, np.int64(2**62)):
+        o, _ = forward(q, k, v, window=(huge, 0))
+        np.testing.assert_array_equal(o, forward(q, k, v, window=(None, 0))[0])
+        o, _ = forward(q, k, v, window=(1, huge), causal=True)
+        np.testing.assert_array_equal(o, forward(q, k, v, window=(1, None), causal=True)[0])
+
+
+@pytest.mark.parametrize("forward, backward", ATTENTION_OPS)
+def test_causal_must_be_a_bool_or_a_name_never_an_array(rng, forward, backward):
+    q, k, v = rng.standard_normal((2, 5, 3)), rng.standard_normal((2, 7, 3)), rng.standard_normal((2, 7, 2))
+    with pytest.raises(TypeError, match="causal must be a bool"):
+        forward(q, k, v, causal=np.array([True, False]))
+    np.testing.assert_array_equal(forward(q, k, v, causal=np.bool_(True))[0], forward(q, k, v, causal=True)[0])
+
+
+@pytest.mark.parametrize("forward, backward", ATTENTION_OPS)
+def test_alibi_slope_of_inf_keeps_the_diagonal_and_nan_propagates(rng, forward, backward):
+    q, k, v = rng.standard_normal((1, 5, 3)), rng.standard_normal((1, 5, 3)), rng.standard_normal((1, 5, 2))
+    with np.errstate(all="raise"):                                   # no inf * 0 on the way
+        o, _ = forward(q, k, v, alibi_slopes=np.array([np.inf]))
+    np.testing.assert_allclose(o, v, rtol=0, atol=0)                   # only distance 0 survives
+    o, _ = forward(q, k, v, alibi_slopes=np.array([np.nan]))
+    assert np.isnan(o).all()
+
+
+@pytest.mark.parametrize("forward, backward", ATTENTION_OPS)
+def test_mask_grad_with_2d_inputs(rng, forward, backward):
+    q, k, v = rng.standard_normal((5, 3)), rng.standard_normal((6, 3)), rng.standard_normal((6, 2))
+
+    def pair_forward(q, k, v, mask):
+        return forward(q, k, v, mask=mask)
+
+    report = gradcheck(pair_forward, lambda dout, cache: backward(dout, cache, mask_grad=True),
+                       dict(q=q, k=k, v=v, mask=rng.standard_normal((5, 6))))
+    assert report.ok and report.rows[-1].shape == (5, 6), str(report)
+
+
+def test_softmax_axis_takes_any_integer_type(rng):
+    x = rng.standard_normal((3, 4))
+    np.testing.assert_array_equal(softmax(x, axis=np.int64(0)), softmax(x, axis=0))
+    for bad in (0.0, True, "0"):
+        with pytest.raises(TypeError, match="axis must be an int"):
+            softmax(x, axis=bad)

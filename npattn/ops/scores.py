@@ -24,6 +24,8 @@ import math
 import numbers
 from typing import NamedTuple, Optional
 
+import numpy as np
+
 from ..backend import check_float, check_mask, check_scale, compute_dtype, device, host_index, is_array_api_obj
 
 __all__ = ["Scores", "make_scores", "causal_offset", "softcap_backward", "mask_grad_block", "sink_rows",
@@ -34,13 +36,13 @@ def causal_offset(causal, N: int, M: int) -> Optional[int]:
     """``j <= i + offset`` for causal attention: bottom-right (``True`` or ``"bottom-right"``,
     FlashAttention >= 2.1) is ``M - N``, ``"top-left"`` (torch's ``is_causal``) is 0; None when not
     causal. Anything else is an error. Derivation: derivations/03-attention.md, eq. (3.3)."""
-    if causal is False:
-        return None
-    if causal is True or causal == "bottom-right":
-        return M - N
-    if causal == "top-left":
-        return 0
+    if isinstance(causal, (bool, np.bool_)):                  # a Python or NumPy bool, never an array
+        return M - N if causal else None
     if isinstance(causal, str):
+        if causal == "bottom-right":
+            return M - N
+        if causal == "top-left":
+            return 0
         raise ValueError(f"causal must be True, False, 'bottom-right' or 'top-left', got {causal!r}")
     raise TypeError(f"causal must be a bool or 'bottom-right'/'top-left', got {causal!r}")
 
@@ -112,7 +114,11 @@ class Scores(NamedTuple):
         if self.slopes is not None:                                        # 3. ALiBi, eq. (13.2)
             i = xp.arange(i0, i1, dtype=s5.dtype, device=dev)[:, None]     # (bq, 1)
             j = xp.arange(j0, j1, dtype=s5.dtype, device=dev)[None, :]     # (1, bk)
-            s5 = s5 - self.slopes * xp.abs(i + (self.M - self.N) - j)      # (..., G, R, bq, bk)
+            dist = xp.abs(i + (self.M - self.N) - j)                       # (bq, bk)
+            # no penalty at distance 0 whatever the slope: a slope of +inf keeps the diagonal, not NaN
+            near = dist > 0                                                # (bq, bk)
+            one, zero = xp.ones_like(dist), xp.zeros_like(dist)
+            s5 = s5 - xp.where(near, self.slopes * xp.where(near, dist, one), zero)   # (..., G, R, bq, bk)
         if not self.covered(rows, cols):                                   # 4. the band, eq. (13.3)
             i = xp.arange(i0, i1, device=dev)[:, None]
             j = xp.arange(j0, j1, device=dev)[None, :]
@@ -153,9 +159,10 @@ def make_scores(xp, q, k, *, mask, causal, scale, softcap, alibi_slopes, window,
                 raise TypeError(f"window's {side} side must be an int >= 0 or None, got {value!r}")
             if value < 0:
                 raise ValueError(f"window's {side} side must be >= 0, got {value}")
-        left, right = window
-        lo = None if left is None else (M - N) - int(left)
-        hi = None if right is None else (M - N) + int(right)
+        # a side of N + M or more excludes no key: unbounded, so a huge side (2**70) means what it says
+        left, right = (None if side is None or side >= N + M else int(side) for side in window)
+        lo = None if left is None else (M - N) - left
+        hi = None if right is None else (M - N) + right
     if c_off is not None:
         hi = c_off if hi is None else min(hi, c_off)
     lead = tuple(q.shape[:-3])
@@ -201,6 +208,8 @@ def mask_grad_block(xp, sc: Scores, ds5, rows):
     shape5 = tuple(ds5.shape)
     shape = shape5[:-4] + (sc.G * sc.R,) + shape5[-2:]
     ds = xp.reshape(ds5, shape)                                              # (..., H, bq, bk)
+    if ds.ndim > mask.ndim:                                                  # 2-D inputs: one head, no head axis
+        ds = xp.sum(ds, axis=tuple(range(ds.ndim - mask.ndim)))
     axes = tuple(a for a in range(ds.ndim) if mask.shape[a] == 1 and ds.shape[a] != 1)
     if axes:
         ds = xp.sum(ds, axis=axes, keepdims=True)

@@ -17,7 +17,10 @@ Log-softmax, the form cross-entropy uses (derivations/10-cross-entropy.md):
 
 from __future__ import annotations
 
+import numbers
 from typing import NamedTuple
+
+import numpy as np
 
 from ..backend import check_cache, check_dout, check_float, device, namespace, to_compute
 
@@ -96,7 +99,7 @@ def softmax_forward(x, *, axis: int = -1):
     """
     xp = namespace(x=x)
     check_float(xp, "x", x)
-    _check_axis(x, axis)
+    axis = _check_axis(x, axis)
     y, _, _ = _stable_softmax(xp, to_compute(xp, x), axis)
     y = xp.astype(y, x.dtype, copy=False)
     return y, SoftmaxCache(y=y, axis=axis)
@@ -151,13 +154,15 @@ class LogSoftmaxCache(NamedTuple):
     axis: int
 
 
-def _check_axis(x, axis) -> None:
+def _check_axis(x, axis) -> int:
+    """``axis`` as a Python int: any integer type (NumPy's too) within ``[-ndim, ndim)``."""
     if x.ndim == 0:
         raise ValueError("x must have at least one axis, got a 0-d array")
-    if isinstance(axis, bool) or not isinstance(axis, int):
+    if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, numbers.Integral):
         raise TypeError(f"axis must be an int, got {axis!r}")
     if not -x.ndim <= axis < x.ndim:
         raise ValueError(f"axis {axis} is out of range for x of shape {tuple(x.shape)}")
+    return int(axis)
 
 
 def _stable_log_softmax(xp, x, axis):
@@ -193,7 +198,7 @@ def log_softmax_forward(x, *, axis: int = -1):
     """
     xp = namespace(x=x)
     check_float(xp, "x", x)
-    _check_axis(x, axis)
+    axis = _check_axis(x, axis)
     y = xp.astype(_stable_log_softmax(xp, to_compute(xp, x), axis), x.dtype, copy=False)
     return y, LogSoftmaxCache(y=y, axis=axis)
 
