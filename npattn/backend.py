@@ -417,3 +417,27 @@ def move(a, xp, device=None):
     if isinstance(device, str) and hasattr(xp, "Device"):                 # array_api_strict names its devices
         device = xp.Device(device)
     return xp.asarray(host) if device is None else xp.asarray(host, device=device)
+
+
+INT64_MAX = 2**63 - 1                         # the largest size or index every array library can hold
+
+
+def check_int_arg(name: str, value, *, minimum=None, maximum=INT64_MAX, allow_none: bool = False):
+    """An integer argument (a size, a head count, a seed, an axis, a window side) as a Python int.
+
+    Any integer type works, NumPy's included; a float, a string or a bool is a ``TypeError`` naming
+    ``name``; a value below ``minimum`` or above ``maximum`` a ``ValueError`` (by default above
+    int64's largest, so that ``2**70`` is named here instead of failing inside an array library;
+    ``maximum=None`` for values any Python int may take, such as a seed). ``None`` passes through
+    when ``allow_none``."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int{' or None' if allow_none else ''}, got {value!r}")
+    value = int(value)
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        limit = "2**63 - 1" if maximum == INT64_MAX else str(maximum)
+        raise ValueError(f"{name} must be at most {limit}, got {value}")
+    return value

@@ -125,6 +125,10 @@ def gradcheck(forward, backward, inputs, *, kwargs=None, eps=1e-6, rtol=1e-6, at
     if not any(a is not None for a in arrays):
         raise ValueError(f"inputs must hold at least one array, got {inputs!r}")
     xp = namespace(**{name: a for name, a in zip(names, arrays)})
+    if not any(_is_float_array(xp, a) for a in arrays):
+        got = ", ".join(f"{n} {a.dtype}" for n, a in zip(names, arrays) if a is not None)
+        raise ValueError(f"inputs must hold at least one floating array to check (integer and bool inputs get "
+                         f"no row, so the report would be empty), got {got}")
     rng = np.random.default_rng(seed)
     like = next(a for a in arrays if a is not None)
 

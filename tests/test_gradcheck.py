@@ -129,3 +129,36 @@ def test_bad_arguments(rng):
         gradcheck(softmax_forward, softmax_backward, [rng.standard_normal(3)], mode="fast")
     with pytest.raises(ValueError, match="eps must be > 0"):
         gradcheck(softmax_forward, softmax_backward, [rng.standard_normal(3)], eps=0)
+
+
+def test_gradcheck_reports_relative_error_against_the_numeric_gradient():
+    """Planted: the denominator max|analytic| (or any other) instead of max|numeric|."""
+    seen = {}
+
+    def forward(x):
+        return 2.0 * x, None
+
+    def backward(dout, cache):
+        seen["dout"] = dout
+        grad = 2.0 * dout
+        worst = np.argmax(np.abs(dout))
+        grad[worst] += 0.5 * np.sign(dout[worst])         # a known error, on the largest entry
+        return (grad,)
+
+    report = gradcheck(forward, backward, {"x": np.array([0.3, -1.2, 0.7, 2.0])}, rtol=1e-9, atol=0)
+    (row,) = report.rows
+    numeric_max = 2.0 * np.max(np.abs(seen["dout"]))     # the numeric gradient is 2 dout (linear: no truncation)
+    # the differences' only error is cancellation, ~2^-52 |L| / eps ~ 1e-9 relative here: rel=1e-8 holds it
+    assert row.max_abs_err == pytest.approx(0.5, rel=1e-8)
+    assert row.max_rel_err == pytest.approx(0.5 / numeric_max, rel=1e-8)
+    assert row.max_rel_err != pytest.approx(0.5 / (numeric_max + 0.5), rel=1e-3)
+    assert not row.ok and not report.ok
+    loose = gradcheck(forward, backward, {"x": np.array([0.3, -1.2, 0.7, 2.0])}, rtol=0.5 / numeric_max * 1.01,
+                      atol=0)
+    assert loose.ok                                       # ok iff abs <= atol + rtol * max|numeric|
+
+
+def test_only_integer_inputs_is_an_error():
+    """Before: ok with 0 rows, a check that checked nothing."""
+    with pytest.raises(ValueError, match="inputs must hold at least one floating array"):
+        gradcheck(lambda i: (i * 1.0, None), lambda d, c: (None,), {"ids": np.array([[1, 2]])})

@@ -40,8 +40,9 @@ from ..ops import (
     silu_backward,
     silu_forward,
 )
-from .mha import MHASpec, check_attention_name, check_heads, mha_backward, mha_forward, mha_params
-from .params import Initializer, Layer, check_dtype_name, prefixed, residual_std, sub
+from ..backend import check_cache, check_int_arg
+from .mha import MHASpec, make_mha_spec, mha_backward, mha_forward, mha_params
+from .params import Initializer, Layer, check_choice, check_dtype_name, check_flag, check_real_arg, prefixed, residual_std, sub
 
 __all__ = ["BlockSpec", "BlockCache", "block_forward", "block_backward", "block_params",
            "ffn_forward", "ffn_backward", "norm_forward", "norm_backward", "TransformerBlock"]
@@ -146,6 +147,7 @@ def block_forward(params, spec: BlockSpec, x, *, mask=None, key_mask=None, causa
 def block_backward(dout, cache: BlockCache):
     """``(dx, grads)`` for ``block_forward``: each residual passes its gradient through unchanged and
     the two uses of the stream add up. Derivation: derivations/11-transformer-block.md, eq. (11.4)."""
+    check_cache(cache, BlockCache, "block_forward")
     spec = cache.spec
     grads = {}
     # 5. y = h + f: dh = dy, df = dy
@@ -189,17 +191,13 @@ def block_params(init: Initializer, embed_dim, num_heads, num_kv_heads, ffn_dim,
 
 
 def make_block_spec(embed_dim, num_heads, num_kv_heads, norm, activation, rope, rope_base, norm_eps, attention):
-    """Validate a block's structure and return ``(BlockSpec, H, G)``."""
-    h, g = check_heads(embed_dim, num_heads, num_kv_heads)
-    if norm not in NORMS:
-        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    if rope and (embed_dim // num_heads) % 2:
-        raise ValueError(f"rope needs an even head dim, got embed_dim // num_heads = {embed_dim // num_heads}")
-    attn = MHASpec(num_heads=h, num_kv_heads=g, rope=bool(rope), rope_base=float(rope_base),
-                   attention=check_attention_name(attention))
-    return BlockSpec(attn=attn, norm=norm, activation=activation, norm_eps=float(norm_eps)), h, g
+    """Validate a block's structure and return ``(BlockSpec, H, G)``: the attention's arguments
+    (``make_mha_spec``), ``norm`` and ``activation`` by name, ``norm_eps`` a finite real >= 0."""
+    attn, _ = make_mha_spec(embed_dim, num_heads, num_kv_heads, rope, rope_base, attention)
+    norm = check_choice("norm", norm, NORMS)
+    activation = check_choice("activation", activation, ACTIVATIONS)
+    norm_eps = check_real_arg("norm_eps", norm_eps)
+    return BlockSpec(attn=attn, norm=norm, activation=activation, norm_eps=norm_eps), attn.num_heads, attn.num_kv_heads
 
 
 class TransformerBlock(Layer):
@@ -213,9 +211,10 @@ class TransformerBlock(Layer):
                  attention="naive", dtype="float64", seed=None):
         self.spec, h, g = make_block_spec(embed_dim, num_heads, num_kv_heads, norm, activation, rope,
                                           rope_base, norm_eps, attention)
+        embed_dim = int(embed_dim)                                              # checked above
+        ffn_dim = check_int_arg("ffn_dim", ffn_dim, minimum=1, allow_none=True)
         ffn_dim = 4 * embed_dim if ffn_dim is None else ffn_dim
-        if isinstance(ffn_dim, bool) or not isinstance(ffn_dim, int) or ffn_dim < 1:
-            raise ValueError(f"ffn_dim must be an int >= 1, got {ffn_dim!r}")
+        bias = check_flag("bias", bias)
         init = Initializer(seed, check_dtype_name(dtype))
         super().__init__(block_params(init, embed_dim, h, g, ffn_dim, norm, activation, bias))
 

@@ -22,16 +22,18 @@ Backward, the same steps in reverse:
 
 from __future__ import annotations
 
-import numbers
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
-from ..backend import check_int, device, namespace
+from array_api_compat import is_array_api_obj
+
+from ..backend import check_cache, check_int, check_int_arg, device, namespace
 from ..ops import embedding_backward, embedding_forward, linear_backward, linear_forward, sinusoidal_positions
 from .block import ACTIVATIONS, NORMS, block_backward, block_forward, block_params, make_block_spec, norm_backward, norm_forward
-from .params import Initializer, Layer, check_dtype_name, prefixed, sub
+from .params import Initializer, Layer, check_choice, check_dtype_name, check_flag, prefixed, sub
 
-__all__ = ["GPTConfig", "GPT", "KVCache", "gpt_forward", "gpt_backward"]
+__all__ = ["GPTConfig", "GPT", "KVCache", "gpt_forward", "gpt_backward", "gpt_params", "gpt_param_shapes"]
 
 POSITIONS = ("learned", "sinusoidal", "rope")
 
@@ -58,18 +60,23 @@ class GPTConfig:
     rope_base: float = 10000.0
 
     def __post_init__(self):
+        """Check every field and store it as a plain Python value (NumPy integers become ints)."""
+        fixed = {}
         for name in ("vocab_size", "max_len", "embed_dim", "num_heads", "num_layers"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        if self.positions not in POSITIONS:
-            raise ValueError(f"positions must be one of {POSITIONS}, got {self.positions!r}")
-        if self.norm not in NORMS:
-            raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
-        make_block_spec(self.embed_dim, self.num_heads, self.num_kv_heads, self.norm, self.activation,
-                        self.positions == "rope", self.rope_base, self.norm_eps, "naive")
+            fixed[name] = check_int_arg(name, getattr(self, name), minimum=1)
+        for name in ("num_kv_heads", "ffn_dim"):
+            fixed[name] = check_int_arg(name, getattr(self, name), minimum=1, allow_none=True)
+        fixed["positions"] = check_choice("positions", self.positions, POSITIONS)
+        fixed["norm"] = check_choice("norm", self.norm, NORMS)
+        fixed["activation"] = check_choice("activation", self.activation, ACTIVATIONS)
+        fixed["bias"] = check_flag("bias", self.bias)
+        fixed["tie_embeddings"] = check_flag("tie_embeddings", self.tie_embeddings)
+        spec, _, _ = make_block_spec(fixed["embed_dim"], fixed["num_heads"], fixed["num_kv_heads"], fixed["norm"],
+                                     fixed["activation"], fixed["positions"] == "rope", self.rope_base,
+                                     self.norm_eps, "naive")
+        fixed["norm_eps"], fixed["rope_base"] = spec.norm_eps, spec.attn.rope_base
+        for name, value in fixed.items():
+            object.__setattr__(self, name, value)
 
     @property
     def ffn(self) -> int:
@@ -101,6 +108,28 @@ class GPTCache(NamedTuple):
     inference: bool                  # a KV-cache forward: no backward
 
 
+def _check_kv_cache(kv_cache: KVCache, config: GPTConfig, wte) -> None:
+    """A cache this model filled: one ``(k, v)`` per layer, ``(B, G, M, D)`` each with this model's
+    ``G`` and ``D``, the weights' library and dtype. A cache from another model is named here, not
+    met later as an IndexError, a concatenation error or a silent promotion."""
+    if not kv_cache.layers:
+        return
+    if len(kv_cache.layers) != config.num_layers:
+        raise ValueError(f"kv_cache holds {len(kv_cache.layers)} layers; this model has {config.num_layers} "
+                         "(a cache from another model?)")
+    b, m = kv_cache.batch, len(kv_cache)
+    g, d = config.num_kv_heads or config.num_heads, config.embed_dim // config.num_heads
+    for i, (k, v) in enumerate(kv_cache.layers):
+        namespace(wte=wte, **{f"kv_cache layer {i} keys": k, f"kv_cache layer {i} values": v})
+        for what, a in (("keys", k), ("values", v)):
+            if tuple(a.shape) != (b, g, m, d):
+                raise ValueError(f"kv_cache holds {what} of shape {tuple(a.shape)} in layer {i}; this model needs "
+                                 f"(B, G, M, D) = ({b}, {g}, M, {d}) (a cache from another model?)")
+            if a.dtype != wte.dtype:
+                raise TypeError(f"kv_cache holds {a.dtype} {what}; this model's weights are {wte.dtype} "
+                                "(a cache from another model?)")
+
+
 def _block_specs(config: GPTConfig, attention: str):
     spec, _, _ = make_block_spec(config.embed_dim, config.num_heads, config.num_kv_heads, config.norm,
                                  config.activation, config.positions == "rope", config.rope_base,
@@ -129,6 +158,7 @@ def gpt_forward(params, config: GPTConfig, ids, *, key_mask=None, kv_cache: Opti
         t0 = len(kv_cache)
         if kv_cache.batch is not None and kv_cache.batch != b:
             raise ValueError(f"ids has batch {b} but the kv_cache holds batch {kv_cache.batch}")
+        _check_kv_cache(kv_cache, config, wte)
     if config.positions != "rope" and t0 + n > config.max_len:
         raise ValueError(f"positions {t0}..{t0 + n - 1} exceed max_len={config.max_len} "
                          f"(ids of shape {tuple(ids.shape)} after {t0} cached tokens)")
@@ -157,6 +187,10 @@ def gpt_forward(params, config: GPTConfig, ids, *, key_mask=None, kv_cache: Opti
 def gpt_backward(dlogits, cache: GPTCache, config: GPTConfig) -> dict:
     """Every parameter's gradient, keyed as ``params``. Derivation:
     derivations/11-transformer-block.md, eqs. (11.6)-(11.7)."""
+    check_cache(cache, GPTCache, "gpt_forward")
+    if len(cache.blocks) != config.num_layers:
+        raise ValueError(f"cache holds {len(cache.blocks)} layers; the config has {config.num_layers} "
+                         "(a cache from another model?)")
     if cache.inference:
         raise RuntimeError("the last forward used a kv_cache, which is inference only: run a forward "
                            "without kv_cache before backward")
@@ -180,6 +214,35 @@ def gpt_backward(dlogits, cache: GPTCache, config: GPTConfig) -> dict:
     return grads
 
 
+def gpt_param_shapes(config: GPTConfig) -> dict:
+    """Every parameter's shape, name -> shape, in the documented key order (what ``gpt_params``
+    draws, without drawing it)."""
+    e, f, v = config.embed_dim, config.ffn, config.vocab_size
+    h, g = config.num_heads, config.num_kv_heads or config.num_heads
+    d = e // h
+    norm = ("gamma", "beta") if config.norm == "layernorm" else ("gamma",)
+    shapes = {"wte": (v, e)}
+    if config.positions == "learned":
+        shapes["wpe"] = (config.max_len, e)
+    for i in range(config.num_layers):
+        b = f"blocks.{i}."
+        shapes.update({f"{b}norm1.{n}": (e,) for n in norm})
+        for x, (w, width) in zip("qkvo", ((e, h * d), (e, g * d), (e, g * d), (h * d, e))):
+            shapes[f"{b}attn.w_{x}"] = (w, width)
+            if config.bias:
+                shapes[f"{b}attn.b_{x}"] = (width,)
+        shapes.update({f"{b}norm2.{n}": (e,) for n in norm})
+        ffn = [("1", (e, f)), ("2", (f, e))] + ([("3", (e, f))] if config.activation == "swiglu" else [])
+        for j, shape in ffn:
+            shapes[f"{b}ffn.w_{j}"] = shape
+            if config.bias:
+                shapes[f"{b}ffn.b_{j}"] = shape[-1:]
+    shapes.update({f"norm_f.{n}": (e,) for n in norm})
+    if not config.tie_embeddings:
+        shapes["lm_head"] = (e, v)
+    return shapes
+
+
 def gpt_params(config: GPTConfig, init: Initializer) -> dict:
     """Freshly initialized weights in the documented key order (scheme: npattn/nn/params.py)."""
     e = config.embed_dim
@@ -198,6 +261,30 @@ def gpt_params(config: GPTConfig, init: Initializer) -> dict:
     return params
 
 
+def check_gpt_params(params, config: GPTConfig, dtype: str) -> dict:
+    """Given weights (a loader's, a user's) checked against ``config`` by name: missing, unexpected,
+    misshapen or of another dtype is a named error. Returned in the documented key order."""
+    if not isinstance(params, Mapping):
+        raise TypeError(f"params must be a dict name -> array, got {type(params).__name__}")
+    shapes = gpt_param_shapes(config)
+    missing = sorted(set(shapes) - set(params))
+    if missing:
+        raise ValueError(f"params is missing weights: {missing}")
+    unexpected = sorted(set(params) - set(shapes), key=str)
+    if unexpected:
+        raise ValueError(f"params has unexpected weights: {unexpected}")
+    for name, shape in shapes.items():
+        a = params[name]
+        if not is_array_api_obj(a):
+            raise TypeError(f"params[{name!r}] must be an array, got {type(a).__name__}")
+        if tuple(a.shape) != shape:
+            raise ValueError(f"params[{name!r}] must have shape {shape}, got {tuple(a.shape)}")
+        if str(a.dtype).rsplit(".", 1)[-1] != dtype:
+            raise TypeError(f"params[{name!r}] must have dtype {dtype}, got {a.dtype}")
+    namespace(**{f"params[{name!r}]": params[name] for name in shapes})     # one library
+    return {name: params[name] for name in shapes}
+
+
 class GPT(Layer):
     """A decoder-only Transformer with hand-derived gradients for every parameter.
 
@@ -212,8 +299,8 @@ class GPT(Layer):
         self.config = config
         self.attention = _block_specs(config, attention).attn.attention
         self.dtype = check_dtype_name(dtype)
-        if params is None:
-            params = gpt_params(config, Initializer(seed, self.dtype))
+        init = Initializer(seed, self.dtype)                     # checks the seed, given params or not
+        params = gpt_params(config, init) if params is None else check_gpt_params(params, config, self.dtype)
         super().__init__(params)
         self._table = None             # the sinusoidal table, built where the weights are (on first use)
         self._hf = None                # "gpt2" or "llama" when loaded from Hugging Face
@@ -241,17 +328,21 @@ class GPT(Layer):
         self.grads = self._in_params_order(gpt_backward(dlogits, self._last_cache(), self.config))
 
     def generate(self, ids, max_new_tokens: int, *, use_cache: bool = True):
-        """Greedy decoding: ``(B, N + max_new_tokens)`` ids of ``ids``' dtype. With the cache each step
+        """Greedy decoding: a new ``(B, N + max_new_tokens)`` array of ids of ``ids``' dtype (int64 when
+        that dtype cannot hold ``vocab_size - 1``: widened, never wrapped). With the cache each step
         feeds only the new token; without it each step runs the whole sequence. Same tokens either
         way. Does not touch the cache ``backward`` uses. With the cache, decoding T tokens after a
         prompt of P computes T P + T (T - 1) / 2 scores instead of O((P + T)^3): derivations/12-kv-cache.md,
         eq. (12.2)."""
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        max_new_tokens = check_int_arg("max_new_tokens", max_new_tokens, minimum=0)
+        use_cache = check_flag("use_cache", use_cache)
         xp = namespace(ids=ids, wte=self.params["wte"])
         check_int(xp, "ids", ids)
         if ids.ndim != 2 or ids.shape[1] < 1:
             raise ValueError(f"ids must be 2-D (B, N) with N >= 1, got shape {tuple(ids.shape)}")
+        # the tokens come back in the ids' dtype, widened when it cannot hold every token id (uint8
+        # ids with 300 tokens would wrap 261 to 5 and feed 5 back)
+        dtype = ids.dtype if xp.iinfo(ids.dtype).max >= self.config.vocab_size - 1 else xp.int64
         if self.config.positions != "rope" and ids.shape[1] + max_new_tokens > self.config.max_len:
             raise ValueError(f"{ids.shape[1]} prompt tokens + max_new_tokens={max_new_tokens} exceed "
                              f"max_len={self.config.max_len}")
@@ -261,12 +352,12 @@ class GPT(Layer):
             return gpt_forward(self.params, self.config, tokens, kv_cache=cache, attention=self.attention,
                                table=table)[0]
 
-        out = ids
+        out = xp.astype(ids, dtype, copy=True)                   # a new array, even for 0 new tokens
         cache = KVCache() if use_cache else None
-        step_in = ids
+        step_in = out
         for _ in range(max_new_tokens):
             logits = logits_of(step_in, cache) if use_cache else logits_of(out)
-            nxt = xp.astype(xp.argmax(logits[:, -1, :], axis=-1), ids.dtype)[:, None]   # (B, 1)
+            nxt = xp.astype(xp.argmax(logits[:, -1, :], axis=-1), dtype)[:, None]   # (B, 1)
             out = xp.concat((out, nxt), axis=1)
             step_in = nxt
         return out

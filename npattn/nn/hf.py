@@ -16,10 +16,14 @@ Layouts (each row of ``_gpt2_map``/``_llama_map`` says how one Hugging Face weig
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 
 import numpy as np
 
-from .gpt import GPTConfig
+from ..backend import check_int_arg
+from .gpt import GPTConfig, gpt_param_shapes
+from .mha import check_attention_name
+from .params import check_dtype_name, check_real_arg
 
 __all__ = ["load_gpt2", "load_llama", "hf_grads", "to_numpy_weight"]
 
@@ -44,11 +48,20 @@ def to_numpy_weight(name, value, dtype):
 
 
 def _strip(state_dict, prefix: str, keep=()) -> dict:
-    """Names without the model's prefix (``transformer.``, ``model.``); names in ``keep`` as they are."""
-    out = {}
+    """Names without the model's prefix (``transformer.``, ``model.``); names in ``keep`` as they are.
+    The same weight under both forms (``transformer.wte.weight`` and ``wte.weight``) is a
+    ``ValueError`` naming both: which one to load would be a guess."""
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"state_dict must be a mapping name -> array, got {type(state_dict).__name__}")
+    out, duplicated = {}, []
     for name, value in state_dict.items():
         short = name[len(prefix):] if name.startswith(prefix) and name not in keep else name
+        if short in out:
+            duplicated.append(f"{prefix + short!r} and {short!r}")
         out[short] = value
+    if duplicated:
+        raise ValueError(f"state dict has duplicated weights (the same weight under two names): "
+                         f"{', '.join(duplicated)}")
     return out
 
 
@@ -86,22 +99,6 @@ def _llama_map(num_layers: int, tied: bool) -> list:
     return rows if tied else rows + [("lm_head.weight", ["lm_head"], "T")]
 
 
-def _expected_shapes(config: GPTConfig) -> dict:
-    """Our parameter shapes for ``config``, without drawing any weights."""
-    e, v, f = config.embed_dim, config.vocab_size, config.ffn
-    h, g = config.num_heads, config.num_kv_heads or config.num_heads
-    d = e // h
-    shapes = {"wte": (v, e), "wpe": (config.max_len, e), "norm_f.gamma": (e,), "norm_f.beta": (e,), "lm_head": (e, v)}
-    for i in range(config.num_layers):
-        b = f"blocks.{i}."
-        shapes.update({b + "norm1.gamma": (e,), b + "norm1.beta": (e,), b + "norm2.gamma": (e,), b + "norm2.beta": (e,),
-                       b + "attn.w_q": (e, h * d), b + "attn.w_k": (e, g * d), b + "attn.w_v": (e, g * d),
-                       b + "attn.w_o": (h * d, e), b + "attn.b_q": (h * d,), b + "attn.b_k": (g * d,),
-                       b + "attn.b_v": (g * d,), b + "attn.b_o": (e,), b + "ffn.w_1": (e, f), b + "ffn.b_1": (f,),
-                       b + "ffn.w_2": (f, e), b + "ffn.b_2": (e,), b + "ffn.w_3": (e, f)})
-    return shapes
-
-
 def _hf_shape(ours: list, how: str, shapes: dict) -> tuple:
     if how == "split3":
         parts = [shapes[n] for n in ours]
@@ -119,7 +116,7 @@ def _convert(state: dict, rows: list, config: GPTConfig, dtype: str) -> dict:
     unexpected = sorted(set(state) - expected)
     if unexpected:
         raise ValueError(f"state dict has unexpected weights: {unexpected}")
-    shapes = _expected_shapes(config)
+    shapes = gpt_param_shapes(config)
     params = {}
     for hf, ours, how in rows:
         a = to_numpy_weight(hf, state[hf], dtype)
@@ -137,32 +134,11 @@ def _convert(state: dict, rows: list, config: GPTConfig, dtype: str) -> dict:
     return params
 
 
-_BLOCK_ORDER = ["norm1.gamma", "norm1.beta"] + [f"attn.{w}_{x}" for x in "qkvo" for w in "wb"] + \
-    ["norm2.gamma", "norm2.beta"] + [f"ffn.{w}_{i}" for i in (1, 2, 3) for w in "wb"]
-
-
-def _canonical(params: dict) -> dict:
-    """Our params in the order a freshly built GPT lists them: embeddings, blocks, final norm, head."""
-    def rank(name):
-        top = ["wte", "wpe"]
-        if name in top:
-            return (top.index(name),)
-        if name.startswith("blocks."):
-            _, i, rest = name.split(".", 2)
-            return (2, int(i), _BLOCK_ORDER.index(rest))
-        return (3, ["norm_f.gamma", "norm_f.beta", "lm_head"].index(name))
-    return {name: params[name] for name in sorted(params, key=rank)}
-
-
-def _check_heads_arg(name, value):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-
-
 def load_gpt2(cls, state_dict, *, num_heads, dtype="float64", attention="naive"):
     """``GPT`` from a ``GPT2LMHeadModel`` (or ``GPT2Model``) state dict; names with or without
     ``transformer.``; ``lm_head.weight``, if present, must equal ``wte.weight`` (GPT-2 ties them)."""
-    _check_heads_arg("num_heads", num_heads)
+    num_heads = check_int_arg("num_heads", num_heads, minimum=1)
+    dtype, attention = check_dtype_name(dtype), check_attention_name(attention)
     state = {n: v for n, v in _strip(state_dict, "transformer.").items() if not _GPT2_BUFFERS.match(n)}
     head = state.pop("lm_head.weight", None)
     for need in ("wte.weight", "wpe.weight", "h.0.mlp.c_fc.weight"):
@@ -177,7 +153,7 @@ def load_gpt2(cls, state_dict, *, num_heads, dtype="float64", attention="naive")
     if head is not None and not np.array_equal(to_numpy_weight("lm_head.weight", head, dtype), params["wte"]):
         raise ValueError("state dict weight 'lm_head.weight' must equal 'wte.weight': GPT-2 ties its head "
                          "to the token embedding")
-    model = cls(config, attention=attention, dtype=dtype, params=_canonical(params))
+    model = cls(config, attention=attention, dtype=dtype, params=params)
     model._hf = "gpt2"
     return model
 
@@ -186,8 +162,12 @@ def load_llama(cls, state_dict, *, num_heads, num_kv_heads, rope_base=10000.0, n
                dtype="float64", attention="naive"):
     """``GPT`` from a ``LlamaForCausalLM`` state dict; names with or without ``model.``; the head is
     tied when there is no ``lm_head.weight``."""
-    _check_heads_arg("num_heads", num_heads)
-    _check_heads_arg("num_kv_heads", num_kv_heads)
+    num_heads = check_int_arg("num_heads", num_heads, minimum=1)
+    num_kv_heads = check_int_arg("num_kv_heads", num_kv_heads, minimum=1)
+    rope_base = check_real_arg("rope_base", rope_base, strict=True)
+    norm_eps = check_real_arg("norm_eps", norm_eps)
+    max_len = check_int_arg("max_len", max_len, minimum=1)
+    dtype, attention = check_dtype_name(dtype), check_attention_name(attention)
     state = {n: v for n, v in _strip(state_dict, "model.", keep=("lm_head.weight",)).items()
              if not _LLAMA_BUFFERS.search(n)}
     for need in ("embed_tokens.weight", "layers.0.mlp.gate_proj.weight"):
@@ -201,7 +181,7 @@ def load_llama(cls, state_dict, *, num_heads, num_kv_heads, rope_base=10000.0, n
                        activation="swiglu", positions="rope", bias=False, tie_embeddings=tied,
                        norm_eps=norm_eps, rope_base=rope_base)
     params = _convert(state, _llama_map(config.num_layers, tied), config, dtype)
-    model = cls(config, attention=attention, dtype=dtype, params=_canonical(params))
+    model = cls(config, attention=attention, dtype=dtype, params=params)
     model._hf = "llama"
     return model
 

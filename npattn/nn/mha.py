@@ -28,7 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from ..backend import check_float, device, namespace
+from ..backend import check_cache, check_float, check_int_arg, device, namespace
 from ..ops import (
     attention_backward,
     attention_forward,
@@ -39,10 +39,10 @@ from ..ops import (
     rope_backward,
     rope_forward,
 )
-from .params import Initializer, Layer, check_dtype_name, residual_std
+from .params import Initializer, Layer, check_choice, check_dtype_name, check_flag, check_real_arg, residual_std
 
 __all__ = ["MHASpec", "MHACache", "mha_forward", "mha_backward", "mha_params", "MultiHeadAttention",
-           "split_heads", "merge_heads"]
+           "split_heads", "merge_heads", "make_mha_spec"]
 
 ATTENTIONS = ("naive", "flash")
 
@@ -205,6 +205,7 @@ def mha_backward(dout, cache: MHACache):
     ``dkey``, ``dvalue`` are None. ``grads`` has the keys of the params dict.
     Derivation: derivations/06-multihead.md, eqs. (6.3)-(6.4).
     """
+    check_cache(cache, MHACache, "mha_forward")
     if cache.has_past:
         raise RuntimeError("a forward with a KV cache is inference only: it keeps no graph for backward")
     xp = namespace(dout=dout)
@@ -268,22 +269,34 @@ def mha_params(init: Initializer, embed_dim, num_heads, num_kv_heads, kdim, vdim
 
 
 def check_heads(embed_dim, num_heads, num_kv_heads):
-    """``(H, G)`` after checking ``E % H == 0`` and ``H % G == 0``."""
-    for name, value in (("embed_dim", embed_dim), ("num_heads", num_heads)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    """``(E, H, G)`` as Python ints after checking each is an int >= 1, ``E % H == 0`` and ``H % G == 0``."""
+    embed_dim = check_int_arg("embed_dim", embed_dim, minimum=1)
+    num_heads = check_int_arg("num_heads", num_heads, minimum=1)
     if embed_dim % num_heads:
         raise ValueError(f"embed_dim must be divisible by num_heads: embed_dim={embed_dim}, num_heads={num_heads}")
-    G = num_heads if num_kv_heads is None else num_kv_heads
-    if isinstance(G, bool) or not isinstance(G, int) or G < 1 or num_heads % G:
+    G = check_int_arg("num_kv_heads", num_kv_heads, minimum=1, allow_none=True)
+    G = num_heads if G is None else G
+    if num_heads % G:
         raise ValueError(f"num_kv_heads must divide num_heads={num_heads} (H % G == 0), got {num_kv_heads!r}")
-    return num_heads, G
+    return embed_dim, num_heads, G
+
+
+def make_mha_spec(embed_dim, num_heads, num_kv_heads, rope, rope_base, attention):
+    """Validate a layer's structure and return ``(MHASpec, E)``: the heads (``check_heads``), ``rope``
+    a bool needing an even head dim, ``rope_base`` a finite real > 0 (checked even without RoPE: a
+    constructor checks every argument), ``attention`` one of ``ATTENTIONS``."""
+    e, h, g = check_heads(embed_dim, num_heads, num_kv_heads)
+    rope = check_flag("rope", rope)
+    rope_base = check_real_arg("rope_base", rope_base, strict=True)
+    if rope and (e // h) % 2:
+        raise ValueError(f"rope=True needs an even head dim, got embed_dim // num_heads = {e // h}")
+    spec = MHASpec(num_heads=h, num_kv_heads=g, rope=rope, rope_base=rope_base,
+                   attention=check_attention_name(attention))
+    return spec, e
 
 
 def check_attention_name(attention):
-    if attention not in ATTENTIONS:
-        raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
-    return attention
+    return check_choice("attention", attention, ATTENTIONS)
 
 
 class MultiHeadAttention(Layer):
@@ -296,14 +309,14 @@ class MultiHeadAttention(Layer):
 
     def __init__(self, embed_dim, num_heads, *, num_kv_heads=None, kdim=None, vdim=None, bias=True,
                  rope=False, rope_base=10000.0, attention="naive", dtype="float64", seed=None):
-        H, G = check_heads(embed_dim, num_heads, num_kv_heads)
-        if rope and (embed_dim // num_heads) % 2:
-            raise ValueError(f"rope=True needs an even head dim, got embed_dim // num_heads = {embed_dim // num_heads}")
-        self.spec = MHASpec(num_heads=H, num_kv_heads=G, rope=bool(rope), rope_base=float(rope_base),
-                            attention=check_attention_name(attention))
-        self.embed_dim = embed_dim
+        self.spec, self.embed_dim = make_mha_spec(embed_dim, num_heads, num_kv_heads, rope, rope_base, attention)
+        kdim = check_int_arg("kdim", kdim, minimum=1, allow_none=True)                 # None: embed_dim
+        vdim = check_int_arg("vdim", vdim, minimum=1, allow_none=True)
+        bias = check_flag("bias", bias)
         init = Initializer(seed, check_dtype_name(dtype))
-        super().__init__(mha_params(init, embed_dim, H, G, kdim or embed_dim, vdim or embed_dim, bias))
+        e, spec = self.embed_dim, self.spec
+        super().__init__(mha_params(init, e, spec.num_heads, spec.num_kv_heads, e if kdim is None else kdim,
+                                    e if vdim is None else vdim, bias))
         self.last_weights = None
 
     def forward(self, query, key=None, value=None, *, mask=None, key_mask=None, causal=False):

@@ -14,42 +14,70 @@ AdamW (``torch.optim.AdamW``, decoupled weight decay, Loshchilov & Hutter):
     m = beta1 m + (1 - beta1) g,   v = beta2 v + (1 - beta2) g^2
     p = p - lr * (m / (1 - beta1^t)) / (sqrt(v / (1 - beta2^t)) + eps)
 clip_grad_norm (``torch.nn.utils.clip_grad_norm_``):
-    total = sqrt(sum of every gradient's squared entries)
-    every gradient *= min(1, max_norm / (total + 1e-6))
+    total = sqrt(sum of every gradient's squared entries), accumulated in float64
+    every gradient *= min(1, max_norm / (total + 1e-6)), each in its own dtype
+
+Nothing is half done: ``step`` checks every gradient (an array of its parameter's shape, dtype and
+library) before it updates any parameter or any state.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Mapping
 
-from ..backend import namespace
+from array_api_compat import is_array_api_obj
+
+from ..backend import check_float, compute_dtype, namespace, to_compute
+from .params import check_real_arg
 
 __all__ = ["SGD", "AdamW", "clip_grad_norm"]
 
 
 def _positive(name, value, allow_zero=True):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
-            or value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"{name} must be a finite real number {'>=' if allow_zero else '>'} 0, got {value!r}")
-    return float(value)
+    return check_real_arg(name, value, strict=not allow_zero)
+
+
+def _check_params(params) -> None:
+    """An optimizer updates a model's ``params`` dict in place: a list of arrays is refused."""
+    if not isinstance(params, Mapping):
+        raise TypeError(f"params must be a dict name -> array (a model's params), got {type(params).__name__}")
+    for name, p in params.items():
+        if not is_array_api_obj(p):
+            raise TypeError(f"params[{name!r}] must be an array, got {type(p).__name__}")
+
+
+def _check_grad_dict(grads) -> None:
+    if not isinstance(grads, Mapping):
+        raise TypeError(f"grads must be a dict name -> array, got {type(grads).__name__}")
 
 
 def _check_grads(params, grads):
-    if not isinstance(grads, dict):
-        raise TypeError(f"grads must be a dict name -> array, got {type(grads).__name__}")
-    unknown = sorted(set(grads) - set(params))
+    """Every gradient at once, before anything is updated: a known name, an array of its
+    parameter's shape, dtype and library."""
+    _check_grad_dict(grads)
+    unknown = sorted(set(grads) - set(params), key=str)
     if unknown:
         raise KeyError(f"grads has names that are not parameters: {unknown}")
     for name, g in grads.items():
-        if g is not None and tuple(g.shape) != tuple(params[name].shape):
-            raise ValueError(f"grads[{name!r}] has shape {tuple(g.shape)}, its parameter {tuple(params[name].shape)}")
+        if g is None:
+            continue
+        p = params[name]
+        if not is_array_api_obj(g):
+            raise TypeError(f"grads[{name!r}] must be an array, got {type(g).__name__}")
+        namespace(**{f"grads[{name!r}]": g, f"params[{name!r}]": p})
+        if tuple(g.shape) != tuple(p.shape):
+            raise ValueError(f"grads[{name!r}] has shape {tuple(g.shape)}, its parameter {tuple(p.shape)}")
+        if g.dtype != p.dtype:
+            raise TypeError(f"grads[{name!r}] has dtype {g.dtype}, its parameter {p.dtype}")
 
 
 class SGD:
     """Stochastic gradient descent with optional momentum and (coupled) weight decay, as torch."""
 
     def __init__(self, params, *, lr, momentum=0.0, weight_decay=0.0):
+        _check_params(params)
         self.params = params
         self.lr = _positive("lr", lr)
         self.momentum = _positive("momentum", momentum)
@@ -76,6 +104,7 @@ class AdamW:
     """Adam with decoupled weight decay, as ``torch.optim.AdamW`` (no amsgrad)."""
 
     def __init__(self, params, *, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01):
+        _check_params(params)
         self.params = params
         self.lr = _positive("lr", lr)
         if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(
@@ -109,15 +138,23 @@ class AdamW:
 def clip_grad_norm(grads: dict, max_norm):
     """Scale every gradient in ``grads`` (the dict's entries are replaced) so that their global L2
     norm is at most ``max_norm``, as ``torch.nn.utils.clip_grad_norm_``; returns the norm before
-    clipping as a 0-d array (of the gradients' library and dtype)."""
+    clipping as a 0-d array of the gradients' library and (widest) dtype.
+
+    The sum of squares is accumulated in float64, so float16 gradients of a few hundred do not
+    overflow (300^2 > 65504, float16's largest); each gradient keeps its own dtype (float16 scaled
+    in float32)."""
+    _check_grad_dict(grads)
     max_norm = _positive("max_norm", max_norm)
-    arrays = [g for g in grads.values() if g is not None]
-    if not arrays:
+    named = {f"grads[{n!r}]": g for n, g in grads.items() if g is not None}
+    if not named:
         raise ValueError("grads has no gradient to clip")
-    xp = namespace(**{f"grads[{n!r}]": g for n, g in grads.items() if g is not None})
-    total = xp.sqrt(sum(xp.sum(g * g) for g in arrays))
-    coef = xp.minimum(max_norm / (total + 1e-6), xp.ones_like(total))
+    xp = namespace(**named)
+    for label, g in named.items():
+        check_float(xp, label, g)
+    squares = [xp.sum(xp.astype(g, xp.float64) ** 2) for g in named.values()]   # 0-d float64 each
+    total = xp.sqrt(xp.sum(xp.stack(squares)))
+    coef = xp.minimum(max_norm / (total + 1e-6), xp.ones_like(total))      # float64, 0-d
     for name, g in grads.items():
         if g is not None:
-            grads[name] = g * coef
-    return total
+            grads[name] = xp.astype(to_compute(xp, g) * xp.astype(coef, compute_dtype(xp, g.dtype)), g.dtype)
+    return xp.astype(total, xp.result_type(*(g.dtype for g in named.values())))

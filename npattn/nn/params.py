@@ -15,13 +15,15 @@ GPT of ``L`` layers (``L = 1`` for a standalone layer); biases 0; norm ``gamma``
 from __future__ import annotations
 
 import math
+import numbers
 
 import numpy as np
 from array_api_compat import is_array_api_obj
 
 from .. import backend
 
-__all__ = ["Params", "Initializer", "sub", "prefixed", "check_dtype_name", "Layer", "INIT_STD"]
+__all__ = ["Params", "Initializer", "sub", "prefixed", "check_dtype_name", "check_real_arg", "check_flag",
+           "check_choice", "Layer", "INIT_STD"]
 
 INIT_STD = 0.02                               # GPT-2's initializer_range
 
@@ -34,6 +36,19 @@ class Params(dict):
     """
 
     def __setitem__(self, name, value):
+        self._check(name, value)
+        dict.__setitem__(self, name, value)
+
+    def update(self, other=(), **more):
+        """Replace several weights at once: every one is checked first, so a bad entry leaves all
+        of them as they were."""
+        new = dict(other, **more)
+        for name, value in new.items():
+            self._check(name, value)
+        for name, value in new.items():
+            dict.__setitem__(self, name, value)
+
+    def _check(self, name, value):
         if name not in self:
             raise KeyError(f"unknown parameter {name!r}; the parameters are {sorted(self)}")
         if not is_array_api_obj(value):
@@ -43,11 +58,6 @@ class Params(dict):
             raise ValueError(f"params[{name!r}] must keep its shape {tuple(old.shape)}, got {tuple(value.shape)}")
         if _dtype_name(value.dtype) != _dtype_name(old.dtype):   # by name: a weight may move library
             raise TypeError(f"params[{name!r}] must keep its dtype {old.dtype}, got {value.dtype}")
-        dict.__setitem__(self, name, value)
-
-    def update(self, other=(), **more):
-        for name, value in dict(other, **more).items():
-            self[name] = value
 
 
 def _dtype_name(dtype) -> str:
@@ -59,9 +69,8 @@ class Initializer:
     """Draws the weights of a model in a fixed order from one seeded NumPy generator."""
 
     def __init__(self, seed, dtype: str):
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
-            raise TypeError(f"seed must be an int or None, got {seed!r}")
-        self.rng = np.random.default_rng(0 if seed is None else int(seed))
+        seed = backend.check_int_arg("seed", seed, minimum=0, maximum=None, allow_none=True)   # any size
+        self.rng = np.random.default_rng(0 if seed is None else seed)
         self.dtype = np.dtype(dtype)
 
     def normal(self, shape, std: float = INIT_STD):
@@ -92,9 +101,34 @@ def prefixed(grads: dict, prefix: str) -> dict:
 def check_dtype_name(dtype) -> str:
     """Layers hold float64 (default) or float32 weights."""
     name = np.dtype(dtype).name if isinstance(dtype, (np.dtype, type)) else dtype
-    if name not in ("float64", "float32"):
+    if not isinstance(name, str) or name not in ("float64", "float32"):
         raise ValueError(f"dtype must be 'float64' or 'float32', got {dtype!r}")
     return name
+
+
+def check_real_arg(name: str, value, *, minimum: float = 0.0, strict: bool = False) -> float:
+    """A finite real argument (``norm_eps``, ``rope_base``, a learning rate) as a Python float: not a
+    real number (a string, a bool) is a ``TypeError``; NaN, an infinity or a value below ``minimum``
+    (or equal to it, when ``strict``) a ``ValueError``."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    if not math.isfinite(value) or value < minimum or (strict and value == minimum):
+        raise ValueError(f"{name} must be a finite real number {'>' if strict else '>='} {minimum:g}, got {value!r}")
+    return float(value)
+
+
+def check_flag(name: str, value) -> bool:
+    """A yes/no argument (``bias``, ``rope``): a bool (NumPy's included), anything else a ``TypeError``."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+    return bool(value)
+
+
+def check_choice(name: str, value, choices: tuple) -> str:
+    """One of a few names (``norm``, ``activation``, ``attention``)."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return value
 
 
 class Layer:

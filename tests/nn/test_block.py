@@ -124,7 +124,7 @@ def test_bad_input():
         TransformerBlock(8, 2, norm="batchnorm")
     with pytest.raises(ValueError, match="activation must be one of"):
         TransformerBlock(8, 2, activation="tanh")
-    with pytest.raises(ValueError, match="ffn_dim must be an int >= 1"):
+    with pytest.raises(ValueError, match="ffn_dim must be >= 1, got 0"):
         TransformerBlock(8, 2, ffn_dim=0)
     with pytest.raises(ValueError, match="dtype must be 'float64' or 'float32'"):
         TransformerBlock(8, 2, dtype="float16")

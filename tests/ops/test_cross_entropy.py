@@ -132,3 +132,18 @@ def test_bad_input(rng):
     _, cache = cross_entropy_forward(logits, np.array([0, 1, 2]))
     with pytest.raises(TypeError, match="dloss must be a real number or a 0-d array"):
         cross_entropy_backward(np.ones(2), cache)
+
+
+def test_soft_targets_not_summing_to_one(rng):
+    """Planted: the backward ``p - q`` instead of ``p * sum(q) - q`` (equal only when sum(q) = 1)."""
+    logits = rng.standard_normal((2, 3, 5))
+    target = 0.5 * rng.dirichlet(np.ones(5), size=(2, 3))              # each row sums to 0.5
+    report = gradcheck(cross_entropy_forward, cross_entropy_backward, {"logits": logits}, kwargs={"target": target})
+    assert report.ok, report
+    _, cache = cross_entropy_forward(logits, target)
+    dlogits, _ = cross_entropy_backward(1.0, cache)
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    # eq. (10.5) with sum(q) = 0.5; both sides are a few float64 roundings of O(1) numbers, so 1e-12 is
+    # thousands of ulps; atol for entries near 0, where q and p / 2 cancel
+    np.testing.assert_allclose(dlogits, (0.5 * p - target) / 6, rtol=1e-12, atol=1e-15)
