@@ -1,5 +1,6 @@
-"""npattn/testing/: the reference in one call, the battery on a correct torch kernel and on one
-kernel per planted convention bug (each must fail and be named), and golden files."""
+"""npattn/testing/: the reference in one call, the battery on a correct dense torch kernel and on one
+kernel per planted convention bug (each must fail and be named), torch's SDPA, and golden files.
+The tiled kernel's bugs (tile loops, variants, precision) are in tests/test_attention_check.py."""
 
 import math
 
@@ -7,7 +8,7 @@ import numpy as np
 import pytest
 
 from npattn import attention_forward, flash_attention_forward
-from npattn.testing import DIAGNOSES, check_attention, default_cases, load_golden, reference, write_golden
+from npattn.testing import check_attention, default_cases, load_golden, reference, write_golden
 
 torch = pytest.importorskip("torch")
 
@@ -60,6 +61,18 @@ def test_reference_matches_the_ops_and_takes_torch_tensors(rng):
         reference(q, k, v, dropout_p=0.1)
 
 
+def test_reference_passes_sinks_and_packed_sequences_through(rng):
+    q, k, v = rng.standard_normal((4, 9, 8)), rng.standard_normal((2, 11, 8)), rng.standard_normal((2, 11, 8))
+    sinks, dout, dlse = rng.standard_normal(4), rng.standard_normal((4, 9, 8)), rng.standard_normal((4, 9))
+    cu_q, cu_k = torch.tensor([0, 4, 9], dtype=torch.int32), np.array([0, 6, 11])
+    ref = reference(q, k, v, sinks=sinks, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, causal=True, dout=dout, dlse=dlse)
+    o, cache = flash_attention_forward(q, k, v, sinks=sinks, cu_seqlens_q=np.array([0, 4, 9]), cu_seqlens_k=cu_k,
+                                       causal=True)
+    np.testing.assert_allclose(ref.o, o, rtol=1e-12)
+    assert ref.dsinks.shape == (4,) and isinstance(ref.p, tuple) and len(ref.p) == 2
+    assert reference(q, k, v, dout=dout).dsinks is None
+
+
 def test_a_correct_kernel_passes_every_case():
     report = check_attention(make_kernel())
     assert report.ok, report
@@ -68,18 +81,23 @@ def test_a_correct_kernel_passes_every_case():
     assert {r.output for r in report.rows} == {"o", "lse", "dq", "dk", "dv"}
 
 
-def test_torch_sdpa_passes_where_its_conventions_agree():
-    """torch's own SDPA (o only), on the cases without causal N != M or fully masked rows."""
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_torch_sdpa_is_top_left_and_nothing_else(dtype):
+    """torch's own SDPA (o only): exactly causal-top-left, in float32 and in bfloat16 (the float mask
+    is built in torch, in the dtype)."""
     def sdpa(q, k, v, *, mask=None, causal=False, scale=None):
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                                                 scale=scale, enable_gqa=True)
-    cases = [c for c in default_cases() if c.name in ("N < M", "GQA H=6 G=2", "causal N = M", "float mask (H, N, M)",
-                                                      "key padding (B, 1, 1, M)", "ragged N=13 M=17 D=24")]
-    report = check_attention(sdpa, cases=cases)
-    assert report.ok, report
+    report = check_attention(sdpa, dtype=dtype)
+    assert report.diagnosis == ["causal-top-left"], report
+    assert report.summary.endswith("fails only causal and N != M cases")
 
 
-@pytest.mark.parametrize("bug", sorted(DIAGNOSES))
+DENSE_BUGS = ["causal-top-left", "gqa-interleaved", "lse-base-2", "scale-1/D", "no-scale", "mask-inverted",
+              "masked-row-nan", "masked-row-uniform"]
+
+
+@pytest.mark.parametrize("bug", DENSE_BUGS)
 def test_each_planted_bug_fails_and_is_named(bug):
     report = check_attention(make_kernel(bug))
     assert not report.ok
@@ -99,6 +117,7 @@ def test_a_kernel_that_raises_is_reported():
         raise RuntimeError("shape mismatch in my kernel")
     report = check_attention(broken, cases=default_cases()[:1])
     assert not report.ok and "shape mismatch in my kernel" in str(report)
+    assert report.errors == {"N < M": "fn raised RuntimeError: shape mismatch in my kernel"}
 
 
 def test_golden_files_round_trip(tmp_path):
@@ -121,6 +140,6 @@ def test_cli_golden(tmp_path, capsys):
     from npattn.cli import main
 
     assert main(["golden", "--out", str(tmp_path / "g"), "--dtype", "float16"]) == 0
-    assert "wrote 11 cases" in capsys.readouterr().out
+    assert f"wrote {len(default_cases())} cases" in capsys.readouterr().out
     case = load_golden(str(tmp_path / "g" / "case00.npz"))
     assert np.array_equal(case["q"], case["q"].astype(np.float16).astype(np.float64))   # inputs rounded
