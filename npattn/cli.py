@@ -99,11 +99,48 @@ def golden(args) -> int:
     """Write float64 golden cases (.npz) and their index for a kernel's own CI."""
     from .testing import write_golden
 
-    index = write_golden(args.out, dtype=args.dtype, seed=args.seed)
+    index = write_golden(args.out, dtype=args.dtype, seed=args.seed, variants=args.variants)
     for entry in index:
         print(f"{entry['file']}  {entry['case']}")
     print(f"wrote {len(index)} cases and index.json to {args.out} (inputs rounded to {args.dtype}; answers float64)")
     return 0
+
+
+def verify(args) -> int:
+    """Import a kernel (``--fn MODULE:FUNCTION`` or ``FILE.py:FUNCTION``) and print ``check_attention``'s
+    report, against the golden files with ``--golden``; 1 on any failure, 2 for a bad flag."""
+    import os
+
+    from .testing.attention_check import check_attention, load_function
+    from .testing.golden import golden_cases
+
+    def bad(message: str) -> int:
+        print(f"npattn verify: error: {message}", file=sys.stderr)
+        return 2
+    battery = None
+    if args.golden is not None:
+        if not os.path.isfile(os.path.join(args.golden, "index.json")):
+            return bad(f"--golden: no index.json in {args.golden!r} (write the files with npattn golden --out DIR)")
+        if args.variants:
+            return bad("--variants with --golden: the golden files fix the cases (npattn golden --variants ...)")
+        battery = golden_cases(args.golden)
+        if args.dtype is not None and battery and battery[0].dtype != args.dtype:
+            return bad(f"--dtype {args.dtype}: the golden inputs are rounded to {battery[0].dtype} "
+                       f"(write them with npattn golden --dtype {args.dtype})")
+    try:
+        fn = load_function(args.fn)
+    except ValueError as err:
+        return bad(str(err))
+    report = check_attention(fn, dtype=args.dtype or "float32", cases=battery, variants=args.variants, seed=args.seed)
+    print(report)
+    return 0 if report.ok else 1
+
+
+def grade(args) -> int:
+    """Grade an exercise file: each ``<op>_backward`` it defines against npattn's, with the diagnosis."""
+    from .testing.grade import grade_file
+
+    return grade_file(args.file, dtype=args.dtype, seed=args.seed)
 
 
 def bench_layers(args) -> int:
@@ -197,12 +234,47 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--plot", metavar="DIR", help="write PNG pictures to DIR (needs matplotlib)")
     m.set_defaults(func=demo)
 
+    from .testing.attention_check import VARIANTS
+
     gl = sub.add_parser("golden", help="write float64 reference cases (.npz + index.json) for a kernel's CI")
     gl.add_argument("--out", required=True, help="directory to write to")
     gl.add_argument("--dtype", choices=["float64", "float32", "float16"], default="float32",
                     help="the dtype the inputs are rounded to (the answers are float64)")
     gl.add_argument("--seed", type=int, default=0)
+    gl.add_argument("--variants", nargs="+", choices=VARIANTS, default=[],
+                    help="add the cases of these variants (keyword arguments as npattn's ops take them)")
     gl.set_defaults(func=golden)
+
+    def nonnegative(text: str) -> int:
+        value = int(text)
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+        return value
+    nonnegative.__name__ = "int"                      # argparse's message: "invalid int value: 'x'"
+    vf = sub.add_parser("verify", help="check your attention kernel against the float64 truth (exit 1 on failure)")
+    vf.add_argument("--fn", required=True, metavar="MODULE:FUNCTION",
+                    help="the kernel: fn(q, k, v, *, mask=None, causal=False, scale=None) -> o or (o, lse), torch")
+    vf.add_argument("--golden", metavar="DIR", help="check against the golden files in DIR (npattn golden)")
+    vf.add_argument("--dtype", choices=["float64", "float32", "float16", "bfloat16"], default=None,
+                    help="the dtype of the inputs (default float32, or the golden files')")
+    vf.add_argument("--variants", nargs="+", choices=VARIANTS, default=[],
+                    help="add the cases of these variants; fn then receives their keyword arguments")
+    vf.add_argument("--seed", type=nonnegative, default=0)
+    vf.set_defaults(func=verify)
+
+    def seed_arg(text: str) -> int:
+        value = int(text)
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+        return value
+    seed_arg.__name__ = "int"                         # argparse's message: "invalid int value: 'x'"
+    gr = sub.add_parser("grade", help="grade an exercise file (exercises/): each <op>_backward it defines, "
+                                      "with the classic wrong form it follows named")
+    gr.add_argument("file", help="the Python file to grade, e.g. exercises/01_softmax.py")
+    gr.add_argument("--dtype", choices=["float64", "float32", "float16"], default="float64",
+                    help="the dtype of the inputs your functions get (the truth is float64)")
+    gr.add_argument("--seed", type=seed_arg, default=0)
+    gr.set_defaults(func=grade)
     return parser
 
 
