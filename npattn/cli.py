@@ -1,11 +1,17 @@
-"""Command line: ``npattn check``, ``npattn bench`` and ``npattn demo``; each command is a small
-function over the library."""
+"""The command line: each command is a small function over the library; the parser checks every flag
+(sizes, seeds, choices, output paths, the backend and its device) before any work starts, and a bad
+one is a single line, ``npattn <command>: error: ...``, with exit status 2."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
+
+DESCRIPTION = """npattn: Transformer attention in plain array code, every backward derived by hand.
+
+'npattn COMMAND --help' lists a command's flags."""
 
 __all__ = ["main"]
 
@@ -16,7 +22,7 @@ def check(args) -> int:
 
     selected = [c for c in cases(args.seed) if args.k is None or args.k.lower() in f"{c.op} {c.name}".lower()]
     if not selected:
-        print(f"no case matches -k {args.k!r}", file=sys.stderr)
+        print(f"npattn check: error: argument -k: no case matches {args.k!r}", file=sys.stderr)
         return 2
     where = "" if args.backend == "numpy" else f", on {args.backend}" + (f" ({args.device})" if args.device else "")
     print(f"npattn check: {len(selected)} cases, float64 central differences, random dout (seed {args.seed}), "
@@ -61,9 +67,6 @@ def bench(args) -> int:
     if args.suite == "beyond":
         return bench_beyond(args)
 
-    if "tiled-window" in args.impl and args.window is None:
-        print("--impl tiled-window needs --window LEFT RIGHT", file=sys.stderr)
-        return 2
     cfg = BenchConfig(lengths=args.n, dtypes=args.dtype, causal=args.causal, passes=args.passes,
                       impls=args.impl, batch=args.batch, heads=args.heads, dim=args.dim,
                       block=args.block, workers=args.workers, window=tuple(args.window) if args.window else None,
@@ -86,10 +89,6 @@ def demo(args) -> int:
     """Train a small GPT by hand on a toy task, decode with the KV cache, optionally draw pictures."""
     from .demo import DemoConfig, run_demo
 
-    if args.plot:
-        from .plots import require_matplotlib
-
-        require_matplotlib()                          # fail before training, naming the extra
     cfg = DemoConfig(task=args.task, steps=args.steps, seed=args.seed, dtype=args.dtype, length=args.length)
     metrics = run_demo(cfg, plot_dir=args.plot, json_path=args.json)
     return 0 if metrics["held_out_token_acc"] >= 0.99 or args.steps < DemoConfig().steps else 1
@@ -171,54 +170,136 @@ def bench_beyond(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with every error as one line, ``npattn <command>: error: ...``, and exit status 2
+    (argparse's status; its usage line is left out: ``--help`` shows it)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _at_least(minimum: int):
+    """An argparse type: an int >= ``minimum`` (argparse names the flag and the value)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an int, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+    parse.__name__ = "int"
+    return parse
+
+
+def _writable_file(text: str) -> str:
+    """An argparse type: a file that can be written, tried now (an empty probe made and removed, or
+    the existing file opened to append), so a bad path is an error before the work, not after it."""
+    if os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is a folder, not a file")
+    existed = os.path.exists(text)
+    try:
+        with open(text, "a"):
+            pass
+    except OSError as err:
+        raise argparse.ArgumentTypeError(f"cannot write {text!r}: {err.strerror}") from None
+    if not existed:
+        os.remove(text)
+    return text
+
+
+def _writable_dir(text: str) -> str:
+    """An argparse type: a folder that can be written: made now if it is not there (it will be
+    written anyway), and a probe file created in it and removed."""
+    try:
+        os.makedirs(text, exist_ok=True)
+        probe = os.path.join(text, f".npattn-probe-{os.getpid()}")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as err:
+        raise argparse.ArgumentTypeError(f"cannot write into {text!r}: {err.strerror}") from None
+    return text
+
+
+def _check_place(parser, args) -> None:
+    """``--backend``/``--device`` must name a library that is installed and a device it has: one
+    small array is made there now, so a missing GPU is a one-line error before any work."""
+    backend, device = getattr(args, "backend", "numpy"), getattr(args, "device", None)
+    if backend == "numpy" and device is None:
+        return
+    import numpy as np
+
+    from .backend import library, move
+
+    sub = f"npattn {args.command}"
+    try:
+        xp = library(backend)
+    except ModuleNotFoundError as err:
+        parser.exit(2, f"{sub}: error: argument --backend: {backend} is not installed ({err})\n")
+    if device is None and backend == "torch":
+        return                                        # torch's own default: CUDA when present
+    try:
+        move(np.zeros(1), xp, device)
+    except Exception as err:                          # noqa: BLE001 - each library words it its own way
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        parser.exit(2, f"{sub}: error: argument --device: {device!r} is not a device of {backend} ({message})\n")
+
+
 def _parser() -> argparse.ArgumentParser:
     from .bench import BenchConfig
 
     from .backend import LIBRARIES
 
     d = BenchConfig()  # the defaults live in one place
+    positive, seed = _at_least(1), _at_least(0)
 
     def where(command):
         command.add_argument("--backend", choices=LIBRARIES, default="numpy",
                              help="the array library npattn runs on: cupy for a GPU, torch (CUDA when present)")
         command.add_argument("--device", default=None,
                              help="its device, e.g. cuda:1 for torch (default: the library's; torch: cuda if present)")
-    parser = argparse.ArgumentParser(prog="npattn", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="npattn", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("check", help="gradient-check every forward/backward pair and print a table")
     p.add_argument("-k", help="only cases whose 'op case' text contains this")
-    p.add_argument("--mode", choices=["full", "directional"], default="full")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mode", choices=["full", "directional"], default="full",
+                   help="full: every input entry (default); directional: random directions, for large inputs")
+    p.add_argument("--seed", type=seed, default=0, help="seed of the inputs and of the random dout (>= 0)")
     where(p)
     p.set_defaults(func=check)
 
     def truth(text: str) -> bool:
-        return {"yes": True, "true": True, "1": True, "no": False, "false": False, "0": False}[text.lower()]
+        value = {"yes": True, "true": True, "1": True, "no": False, "false": False, "0": False}.get(text.lower())
+        if value is None:
+            raise argparse.ArgumentTypeError(f"must be yes or no, got {text!r}")
+        return value
+    truth.__name__ = "yes/no"
 
     b = sub.add_parser("bench", help="time and peak memory of naive vs tiled attention (or of the layers)")
     b.add_argument("--suite", choices=["attention", "layers", "beyond"], default="attention",
                    help="attention: the ops (default); layers: MHA, flash-layer memory, a GPT training step vs "
                         "torch; beyond: packed, sinks, paged decoding, linear attention")
-    b.add_argument("--n", type=int, nargs="+", default=d.lengths, help="sequence lengths N = M")
+    b.add_argument("--n", type=positive, nargs="+", default=d.lengths, help="sequence lengths N = M")
     b.add_argument("--dtype", nargs="+", default=d.dtypes, choices=["float32", "float64"])
     b.add_argument("--causal", type=truth, nargs="+", default=d.causal, help="yes and/or no")
     b.add_argument("--passes", nargs="+", default=d.passes, choices=["fwd", "fwd+bwd"])
     b.add_argument("--impl", nargs="+", default=d.impls,
                    choices=["naive", "tiled", "tiled-1", "tiled-window", "torch", "torch-math"])
-    b.add_argument("--window", type=int, nargs=2, metavar=("LEFT", "RIGHT"), default=None,
+    b.add_argument("--window", type=seed, nargs=2, metavar=("LEFT", "RIGHT"), default=None,
                    help="the window of the 'tiled-window' rows (e.g. 255 0 with --causal yes: Mistral's)")
-    b.add_argument("--batch", type=int, default=d.batch)
-    b.add_argument("--heads", type=int, default=d.heads)
-    b.add_argument("--dim", type=int, default=d.dim)
-    b.add_argument("--block", type=int, default=d.block,
+    b.add_argument("--batch", type=positive, default=d.batch)
+    b.add_argument("--heads", type=positive, default=d.heads)
+    b.add_argument("--dim", type=positive, default=d.dim)
+    b.add_argument("--block", type=positive, default=d.block,
                    help="tile size of the tiled rows (default: the op's own, 256)")
-    b.add_argument("--workers", type=int, default=d.workers,
+    b.add_argument("--workers", type=positive, default=d.workers,
                    help="threads of the 'tiled' rows (default: the op's own rule; 'tiled-1' uses 1)")
-    b.add_argument("--repeats", type=int, default=d.repeats)
+    b.add_argument("--repeats", type=positive, default=d.repeats)
     b.add_argument("--no-memory", action="store_true", help="skip the tracemalloc peak-memory runs")
-    b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--json", help="also write the rows to this JSON file")
+    b.add_argument("--seed", type=seed, default=0)
+    b.add_argument("--json", type=_writable_file, help="also write the rows to this JSON file")
     where(b)
     b.set_defaults(func=bench)
     from .demo import TASKS, DemoConfig
@@ -226,31 +307,25 @@ def _parser() -> argparse.ArgumentParser:
     dm = DemoConfig()
     m = sub.add_parser("demo", help="train a small GPT with the hand-derived backward on a toy task, then decode")
     m.add_argument("--task", choices=TASKS, default=dm.task)
-    m.add_argument("--steps", type=int, default=dm.steps)
-    m.add_argument("--length", type=int, default=dm.length, help="digits per input")
-    m.add_argument("--seed", type=int, default=dm.seed)
+    m.add_argument("--steps", type=positive, default=dm.steps)
+    m.add_argument("--length", type=_at_least(2), default=dm.length, help="digits per input (>= 2)")
+    m.add_argument("--seed", type=seed, default=dm.seed)
     m.add_argument("--dtype", choices=["float32", "float64"], default=dm.dtype)
-    m.add_argument("--json", help="write the loss curve and final metrics to this file")
-    m.add_argument("--plot", metavar="DIR", help="write PNG pictures to DIR (needs matplotlib)")
+    m.add_argument("--json", type=_writable_file, help="write the loss curve and final metrics to this file")
+    m.add_argument("--plot", type=_writable_dir, metavar="DIR", help="write PNG pictures to DIR (needs matplotlib)")
     m.set_defaults(func=demo)
 
     from .testing.attention_check import VARIANTS
 
     gl = sub.add_parser("golden", help="write float64 reference cases (.npz + index.json) for a kernel's CI")
-    gl.add_argument("--out", required=True, help="directory to write to")
+    gl.add_argument("--out", type=_writable_dir, required=True, help="directory to write to")
     gl.add_argument("--dtype", choices=["float64", "float32", "float16"], default="float32",
                     help="the dtype the inputs are rounded to (the answers are float64)")
-    gl.add_argument("--seed", type=int, default=0)
+    gl.add_argument("--seed", type=seed, default=0)
     gl.add_argument("--variants", nargs="+", choices=VARIANTS, default=[],
                     help="add the cases of these variants (keyword arguments as npattn's ops take them)")
     gl.set_defaults(func=golden)
 
-    def nonnegative(text: str) -> int:
-        value = int(text)
-        if value < 0:
-            raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-        return value
-    nonnegative.__name__ = "int"                      # argparse's message: "invalid int value: 'x'"
     vf = sub.add_parser("verify", help="check your attention kernel against the float64 truth (exit 1 on failure)")
     vf.add_argument("--fn", required=True, metavar="MODULE:FUNCTION",
                     help="the kernel: fn(q, k, v, *, mask=None, causal=False, scale=None) -> o or (o, lse), torch")
@@ -259,31 +334,36 @@ def _parser() -> argparse.ArgumentParser:
                     help="the dtype of the inputs (default float32, or the golden files')")
     vf.add_argument("--variants", nargs="+", choices=VARIANTS, default=[],
                     help="add the cases of these variants; fn then receives their keyword arguments")
-    vf.add_argument("--seed", type=nonnegative, default=0)
+    vf.add_argument("--seed", type=seed, default=0)
     vf.set_defaults(func=verify)
 
-    def seed_arg(text: str) -> int:
-        value = int(text)
-        if value < 0:
-            raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-        return value
-    seed_arg.__name__ = "int"                         # argparse's message: "invalid int value: 'x'"
     gr = sub.add_parser("grade", help="grade an exercise file (exercises/): each <op>_backward it defines, "
                                       "with the classic wrong form it follows named")
     gr.add_argument("file", help="the Python file to grade, e.g. exercises/01_softmax.py")
     gr.add_argument("--dtype", choices=["float64", "float32", "float16"], default="float64",
                     help="the dtype of the inputs your functions get (the truth is float64)")
-    gr.add_argument("--seed", type=seed_arg, default=0)
+    gr.add_argument("--seed", type=seed, default=0)
     gr.set_defaults(func=grade)
     return parser
 
 
 def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    sub = f"npattn {args.command}"
+    if args.command == "bench" and "tiled-window" in args.impl and args.window is None:
+        parser.exit(2, f"{sub}: error: argument --impl: tiled-window needs --window LEFT RIGHT\n")
+    if args.command == "demo" and args.plot:
+        from .plots import require_matplotlib
+        try:
+            require_matplotlib()                      # fail before training, naming the extra
+        except ModuleNotFoundError as err:
+            parser.exit(2, f"{sub}: error: argument --plot: {err}\n")
+    _check_place(parser, args)
     try:
         return args.func(args)
     except ModuleNotFoundError as err:                # an optional extra is missing: say which
-        print(f"npattn {args.command}: {err}", file=sys.stderr)
+        print(f"npattn {args.command}: error: {err}", file=sys.stderr)
         return 2
 
 

@@ -1,9 +1,12 @@
 """npattn/cli.py: `npattn check` proves every pair and exits 0; a broken pair makes it exit 1;
 `npattn bench` prints its table and writes JSON."""
 
+import importlib.util
 import json
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -106,4 +109,63 @@ def test_bench_window_rows_count_only_the_band(tmp_path, capsys):
     assert rows["tiled-window"]["gflops"] * rows["tiled-window"]["median_ms"] * 1e6 == pytest.approx(
         2 * 128 * (8 * 64 - 28) * 8)
     assert rows["tiled"]["gflops"] * rows["tiled"]["median_ms"] * 1e6 == pytest.approx(2 * 128 * (64 * 65 // 2) * 8)
-    assert main(["bench", "--impl", "tiled-window"]) == 2                 # needs --window
+    with pytest.raises(SystemExit) as stop:                                # needs --window
+        main(["bench", "--impl", "tiled-window"])
+    assert stop.value.code == 2
+
+
+BAD_FLAGS = [
+    "bench --n 0", "bench --n x", "bench --heads 0", "bench --dim 0", "bench --batch 0", "bench --block 0",
+    "bench --workers 0", "bench --repeats 0", "bench --seed -1", "bench --json /nonexistent/dir/x.json",
+    "bench --json /", "bench --causal maybe", "bench --dtype float16", "bench --impl tiled-window",
+    "bench --window -1 0 --impl tiled-window", "bench --suite nope",
+    "bench --backend array_api_strict --device nodev",
+    "check --seed -1", "check --mode fast", "check -k zzzzzz",
+    "demo --steps 0", "demo --steps -1", "demo --length 0", "demo --seed -3", "demo --task nope",
+    "demo --json /nonexistent/x.json", "demo --plot /proc/npattn",
+    "golden", "golden --out /proc/npattn", "golden --seed -1 --out OUT", "golden --variants nope --out OUT",
+    "verify", "verify --fn nomodule:fn", "verify --fn npattn:nothing", "verify --fn x --golden /nonexistent",
+    "grade", "grade /nonexistent.py", "grade README.md", "grade exercises/01_softmax.py --seed -1",
+    "nocommand",
+]
+
+
+@pytest.mark.parametrize("line", BAD_FLAGS)
+def test_a_bad_flag_is_one_line_and_exit_2_before_any_work(line, tmp_path, capsys, monkeypatch):
+    """SPEC, "Command line": one line naming the flag, `npattn <command>: error: ...`, exit 2, never a
+    traceback, and before any long work (every case here would run for minutes if it started)."""
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    t0 = time.perf_counter()
+    try:
+        status = main(line.replace("OUT", str(tmp_path / "out")).split())
+    except SystemExit as stop:
+        status = stop.code
+    err = capsys.readouterr().err
+    assert status == 2, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith(f"npattn {line.split()[0]}: error: " if line != "nocommand" else "npattn: error: "), err
+    assert time.perf_counter() - t0 < 10                  # refused at once, not after a benchmark or training
+
+
+@pytest.mark.parametrize("line", ["bench --backend cupy", "check --backend torch --device cuda:7"])
+def test_a_missing_backend_or_device_is_one_line(line, capsys):
+    backend = line.split("--backend ")[1].split()[0]
+    if backend == "cupy" and importlib.util.find_spec("cupy") is not None:
+        pytest.skip("CuPy is installed here")
+    if backend == "torch":
+        torch = pytest.importorskip("torch")
+        if torch.cuda.device_count() > 7:
+            pytest.skip("this machine has a cuda:7")
+    with pytest.raises(SystemExit) as stop:
+        main(line.split())
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and len(err.strip().splitlines()) == 1 and "error: argument --" in err, err
+
+
+def test_help_lists_every_command_in_plain_text(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    for command in ("check", "bench", "demo", "golden", "verify", "grade"):
+        assert f"\n    {command} " in out
+    assert "``" not in out

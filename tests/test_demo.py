@@ -66,7 +66,7 @@ def test_cli_demo_json(tmp_path, capsys, monkeypatch):
     assert [c["step"] for c in data["config"]["curve"]] == [0, 20, 40]
 
 
-def test_cli_demo_without_matplotlib_names_the_extra(monkeypatch, capsys):
+def test_cli_demo_without_matplotlib_names_the_extra(monkeypatch, capsys, tmp_path):
     import builtins
 
     real_import = builtins.__import__
@@ -77,5 +77,7 @@ def test_cli_demo_without_matplotlib_names_the_extra(monkeypatch, capsys):
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_matplotlib)
-    assert main(["demo", "--steps", "1", "--plot", "somewhere"]) == 2
-    assert "pip install 'npattn[plot]'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:                               # before any training
+        main(["demo", "--steps", "1", "--plot", str(tmp_path / "pictures")])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "pip install 'npattn[plot]'" in err and len(err.strip().splitlines()) == 1
