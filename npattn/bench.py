@@ -613,7 +613,7 @@ def run_beyond_bench(cfg: BeyondConfig, progress=None) -> list[dict]:
         emit("paged fwd mem", setting, "paged", no_time, 1.0, paged_peak)
         emit("paged fwd mem", setting, "gather + tiled", no_time,
              gathered_peak / paged_peak, gathered_peak)
-    del k_full, v_full, k_pages, v_pages
+    del k_full, v_full
 
     # 4. causal linear attention: time and peak memory at two lengths
     h, d, lengths = cfg.linear

@@ -889,7 +889,7 @@ def _alternatives(oc: _Outcome) -> dict:
 
 def _gqa_interleaved(case: Case, with_lse: bool) -> dict:
     """The truth with query head h on kv head h % G (k, v tiled), dk and dv folded back to G heads."""
-    a, (b, h, g, n, m, d) = case.arrays, case.spec.shape
+    a, (_, h, g, *_) = case.arrays, case.spec.shape
     idx = np.arange(h) % g
     found = _truth(a["q"], a["k"][:, idx], a["v"][:, idx], dout=a["dout"], dlse=a["dlse"] if with_lse else None,
                    **_npattn_kwargs(case.spec, a))
