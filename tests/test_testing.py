@@ -143,3 +143,17 @@ def test_cli_golden(tmp_path, capsys):
     assert f"wrote {len(default_cases())} cases" in capsys.readouterr().out
     case = load_golden(str(tmp_path / "g" / "case00.npz"))
     assert np.array_equal(case["q"], case["q"].astype(np.float16).astype(np.float64))   # inputs rounded
+
+
+def test_reference_takes_torch_bfloat16_and_refuses_an_integer_mask():
+    """issue 22: bfloat16 tensors crashed in the conversion; an int 0/1 mask was silently added to the
+    scores as a float mask (the ops refuse it)."""
+    torch = pytest.importorskip("torch")
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, n, 8, generator=gen).to(torch.bfloat16) for n in (4, 5, 5))
+    ref = reference(q, k, v, causal=True)
+    want = reference(q.double(), k.double(), v.double(), causal=True)
+    assert ref.o.dtype == np.float64 and np.array_equal(ref.o, want.o)   # bfloat16 values are exact in float64
+    for mask in (np.ones((4, 5), dtype=np.int64), torch.ones((4, 5), dtype=torch.int32)):
+        with pytest.raises(TypeError, match="mask must be bool"):
+            reference(q, k, v, mask=mask)

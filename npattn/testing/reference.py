@@ -30,6 +30,8 @@ def _f64(x):
     """A host NumPy copy: floating data as float64, bool and integer arrays (masks, cu_seqlens) as they are."""
     if x is None:
         return None
+    if hasattr(x, "detach") and x.is_floating_point():       # torch, any float dtype (bfloat16 has no NumPy twin)
+        x = x.detach().double()
     a = to_numpy(x) if hasattr(x, "__array_namespace__") or hasattr(x, "detach") else np.asarray(x)
     return a if a.dtype == bool or np.issubdtype(a.dtype, np.integer) else np.asarray(a, dtype=np.float64)
 
@@ -58,6 +60,10 @@ def reference(q, k, v, *, dout=None, dlse=None, **attention_kwargs) -> Reference
         raise ValueError("reference has no dropout: its masks are random, not a reference")
     q64, k64, v64 = _f64(q), _f64(k), _f64(v)
     kwargs = {name: _f64(val) if hasattr(val, "shape") else val for name, val in attention_kwargs.items()}
+    mask = kwargs.get("mask")
+    if mask is not None and mask.dtype != bool and not np.issubdtype(mask.dtype, np.floating):
+        raise TypeError(f"mask must be bool (True = may attend) or floating (added to the scores), got dtype "
+                        f"{mask.dtype}: an integer 0/1 mask is ambiguous, pass mask.astype(bool)")
     found = truth(q64, k64, v64, dout=_f64(dout), dlse=_f64(dlse), **kwargs)
     _, naive = attention_forward(q64, k64, v64, workers=1, **kwargs)
     p = naive.p if isinstance(naive.p, tuple) else np.asarray(naive.p)
