@@ -37,7 +37,7 @@ import numpy as np
 from .ops import attention_backward, attention_forward, flash_attention_backward, flash_attention_forward
 from .ops.flash import default_tiling
 
-__all__ = ["BenchConfig", "run_bench", "format_table", "LayersConfig", "run_layers_bench", "BeyondConfig",
+__all__ = ["BenchConfig", "run_bench", "format_table", "gemm_rate", "blas_share", "LayersConfig", "run_layers_bench", "BeyondConfig",
            "run_beyond_bench", "machine"]
 
 @dataclass
@@ -251,11 +251,38 @@ def run_bench(cfg: BenchConfig, progress=None) -> list[dict]:
                                    peak_mib=None if peak is None else peak / 2**20,
                                    block=tiling[0] if impl.startswith("tiled") else None,
                                    workers=(1 if impl == "tiled-1" else tiling[2]) if impl.startswith("tiled") else None,
-                                   backend=place.label())
+                                   backend=place.label(), dim=cfg.dim, bh=cfg.batch * cfg.heads)
                         rows.append(row)
                         if progress:
                             progress(row)
     return rows
+
+
+def gemm_rate(dtype: str = "float32", n: int = 2048, repeats: int = 3) -> float:
+    """The machine's matmul rate, GFLOP/s: the median of ``repeats`` square ``n x n`` products in
+    ``dtype`` (NumPy's BLAS, every core), measured in the same run as the rows it is compared with."""
+    rng = np.random.default_rng(0)
+    a, b = (rng.standard_normal((n, n)).astype(dtype) for _ in range(2))
+    a @ b                                                                    # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t0)
+    return 2.0 * n**3 / statistics.median(times) / 1e9
+
+
+def blas_share(rows: list, rate: dict) -> list:
+    """For each tiled fwd+bwd row without causal or a window, the rate of its matmul work, counted
+    as the tile loop does it: ``4 N M D`` forward and ``10 N M D`` backward (the recomputed
+    ``q k^T`` included) per head, as a share of the gemm rate of its dtype: ``(row, GFLOP/s, share)``."""
+    found = []
+    for r in rows:
+        if r["impl"] in ("tiled", "tiled-1") and r["passes"] == "fwd+bwd" and not r["causal"] and r["dtype"] in rate:
+            flops = 14.0 * r["n"] * r["n"] * r["dim"] * r["bh"]
+            gflops = flops / (r["median_ms"] * 1e-3) / 1e9
+            found.append((r, gflops, gflops / rate[r["dtype"]]))
+    return found
 
 
 HEADER = (f"{'impl':<13}{'dtype':<9}{'causal':<7}{'N':>6} {'pass':<8}{'median ms':>10} {'[min - max]':>19}"

@@ -60,7 +60,8 @@ def check(args) -> int:
 def bench(args) -> int:
     """Naive vs tiled (vs torch when installed) timing and memory, as one table; ``--suite layers``
     compares the layers with their PyTorch counterparts instead."""
-    from .bench import HEADER, BenchConfig, format_row, machine, run_bench, torch_available, write_json
+    from .bench import (HEADER, BenchConfig, blas_share, format_row, gemm_rate, machine, run_bench, torch_available,
+                        write_json)
 
     if args.suite == "layers":
         return bench_layers(args)
@@ -79,6 +80,12 @@ def bench(args) -> int:
           flush=True)
     print(HEADER, flush=True)
     rows = run_bench(cfg, progress=lambda row: print(format_row(row), flush=True))
+    if cfg.backend == "numpy":                        # the tiled loop's matmul work against the machine's gemm
+        rate = {dt: gemm_rate(dt) for dt in sorted({r["dtype"] for r in rows})}
+        print("gemm (2048 x 2048, NumPy's BLAS, this run): " + ", ".join(f"{dt} {g:.0f} GFLOP/s" for dt, g in rate.items()))
+        for r, gflops, share in blas_share(rows, rate):
+            print(f"{r['impl']} {r['dtype']} N={r['n']} fwd+bwd: {gflops:.0f} GFLOP/s counting 14 N M D per head "
+                  f"(the backward's recomputed q k^T included) = {100 * share:.0f}% of gemm")
     if args.json:
         write_json(args.json, cfg, rows)
         print(f"wrote {args.json}")

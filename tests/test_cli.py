@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import npattn.checks
+from npattn.bench import blas_share
 from npattn.checks import Case
 from npattn.cli import main
 from npattn.ops import softmax_forward
@@ -53,6 +54,11 @@ def test_bench_prints_rows_and_json(tmp_path, capsys):
     assert all(r["median_ms"] > 0 and r["gflops"] > 0 and r["peak_mib"] > 0 for r in rows)
     assert all(r["vs_naive"] == 1.0 for r in rows if r["impl"] == "naive")
     assert data["config"]["block"] == 16
+    # the tiled loop's matmul work against the gemm rate measured in the same run: 14 N M D per head
+    tiled = next(r for r in rows if r["impl"] == "tiled" and not r["causal"] and r["passes"] == "fwd+bwd")
+    (row, gflops, share), = blas_share(rows, {"float64": 100.0})
+    assert row is tiled and gflops == pytest.approx(14 * 48 * 48 * 64 * 8 / (tiled["median_ms"] * 1e-3) / 1e9)
+    assert share == pytest.approx(gflops / 100.0) and "% of gemm" in out
 
 
 def test_bench_tiled_rows_on_workers_and_on_one(tmp_path, capsys):
