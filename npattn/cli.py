@@ -84,7 +84,7 @@ def bench(args) -> int:
         rate = {dt: gemm_rate(dt) for dt in sorted({r["dtype"] for r in rows})}
         print("gemm (2048 x 2048, NumPy's BLAS, this run): " + ", ".join(f"{dt} {g:.0f} GFLOP/s" for dt, g in rate.items()))
         for r, gflops, share in blas_share(rows, rate):
-            print(f"{r['impl']} {r['dtype']} N={r['n']} fwd+bwd: {gflops:.0f} GFLOP/s counting 14 N M D per head "
+            print(f"gemm share of {r['impl']} {r['dtype']} N={r['n']} fwd+bwd: {gflops:.0f} GFLOP/s counting 14 N M D per head "
                   f"(the backward's recomputed q k^T included) = {100 * share:.0f}% of gemm")
     if args.json:
         write_json(args.json, cfg, rows)
