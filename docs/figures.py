@@ -10,6 +10,12 @@
   ``Scores.covered``, the functions the loop itself calls), so the picture cannot drift from the code.
 - ``gqa_reshape.png``: grouped-query attention's reshape ``(H, N, D) -> (G, R*N, D)``: a group's R
   query heads stacked as rows, one matmul against the group's single K.
+- ``online_softmax.gif``: the online softmax of derivations/04-online-softmax.md sweeping the key
+  tiles of one query tile, frame by frame: the running max ``m``, the sum ``l``, the rescale factor
+  ``alpha`` and the accumulator ``acc``, then ``o = acc / l``. Row 0 is the chapter's hand example.
+  ``m``, ``l`` and ``alpha`` are the loop's own ``on_tile`` stream (``FlashTile``); ``acc`` is not in
+  the stream, so it follows eq. (4.9) from the stream's ``alpha`` and ``m``, and the script checks
+  that ``acc / l`` equals the op's output.
 
 The suite runs this script (tests/test_figures.py); the committed PNGs are its output.
 """
@@ -37,6 +43,121 @@ def tile_states(N: int, M: int, block: int, causal=True) -> np.ndarray:
     rows = [(i, min(i + block, N)) for i in range(0, N, block)]
     cols = [(j, min(j + block, M)) for j in range(0, M, block)]
     return np.array([[0 if not sc.visible(r, c) else 2 if sc.covered(r, c) else 1 for c in cols] for r in rows])
+
+
+# derivations/04's hand example (row 0) and a row whose maximum does not move (row 1), one value column
+HAND_SCORES = np.array([[1.0, 3.0, 2.0, 4.0, 0.0, 2.0],
+                        [0.0, 1.0, 3.0, 1.0, 2.0, 0.0]])
+HAND_V = np.arange(1.0, 7.0)
+
+
+def online_softmax_states(scores=HAND_SCORES, v=HAND_V, block_k: int = 3) -> list:
+    """Run ``flash_attention_forward`` on one query tile whose scores are ``scores (N, M)`` (``q = I``,
+    ``k = scoresᵀ``, scale 1) and one value column ``v (M,)``, and return the state after each key
+    tile: ``m``, ``l``, ``alpha`` from the loop's ``on_tile`` stream, ``acc`` by eq. (4.9) from them,
+    and the tile's ``p = exp(s - m)``. The last entry's ``acc / l`` is checked against the op's ``o``."""
+    from npattn.ops import flash_attention_forward
+
+    N, M = scores.shape
+    stream = []
+    o, _ = flash_attention_forward(np.eye(N), np.ascontiguousarray(scores.T), v[:, None], scale=1.0,
+                                   block_q=N, block_k=block_k, on_tile=stream.append)
+    states, acc = [], np.zeros(N)
+    for t in stream:
+        m, l, alpha = (np.asarray(a).reshape(N) for a in (t.m_i, t.l_i, t.alpha))       # (N,) each
+        cols = slice(t.j * block_k, min((t.j + 1) * block_k, M))
+        p = np.exp(scores[:, cols] - m[:, None])                                         # (N, bk), eq. (4.7)
+        acc_rescaled = alpha * acc
+        acc = acc_rescaled + p @ v[cols]                                                 # eq. (4.9)
+        states.append(dict(j=t.j, cols=cols, m=m, l=l, alpha=alpha, p=p, acc_rescaled=acc_rescaled, acc=acc))
+    if not np.allclose(acc / states[-1]["l"], o[:, 0], rtol=1e-12):
+        raise AssertionError("acc / l from the on_tile stream differs from the op's output")
+    return states
+
+
+def _frame(plt, scores, v, states, step, phase):
+    """One frame: the scores with the tiles seen so far, and the state table. ``step`` is how many
+    key tiles are done (-1: nothing yet); ``phase`` is "scores", "rescale", "add" or "end"."""
+    from matplotlib.patches import Rectangle
+
+    N, M = scores.shape
+    fig, (ax, tx) = plt.subplots(1, 2, figsize=(11.0, 4.0), gridspec_kw=dict(width_ratios=[1.0, 1.05]))
+    cur = states[step] if step >= 0 else None
+    seen = 0 if cur is None else cur["cols"].stop
+    for i in range(N):
+        for j in range(M):
+            now = cur is not None and cur["cols"].start <= j < cur["cols"].stop
+            fc = "#f6c667" if now else "#cfe3f3" if j < seen else "white"
+            ax.add_patch(Rectangle((j, i), 1, 1, fc=fc, ec="#555555", lw=1))
+            ax.text(j + 0.5, i + 0.38, f"{scores[i, j]:.0f}", ha="center", va="center", fontsize=12)
+            if now:
+                ax.text(j + 0.5, i + 0.75, f"p={cur['p'][i, j - cur['cols'].start]:.3f}", ha="center",
+                        va="center", fontsize=7.5, color="#7a4b00")
+    for j in range(M):
+        ax.text(j + 0.5, N + 0.35, f"v={v[j]:.0f}", ha="center", va="center", fontsize=9, color="#444444")
+    for j0 in range(0, M + 1, 3):
+        ax.plot([j0, j0], [0, N], color="black", lw=2.5)
+    ax.set_xlim(0, M)
+    ax.set_ylim(N + 0.7, 0)
+    ax.set_aspect("equal")
+    ax.set_xticks(np.arange(M) + 0.5, [f"key {j}" for j in range(M)], fontsize=8)
+    ax.xaxis.tick_top()
+    ax.set_yticks(np.arange(N) + 0.5, [f"row {i}" for i in range(N)], fontsize=9)
+    ax.tick_params(length=0)
+    for side in ax.spines.values():
+        side.set_visible(False)
+    ax.set_title("scores s of one query tile, key tiles of 3\n(blue: seen, yellow: this tile, p = exp(s − m_new))",
+                 fontsize=9)
+
+    tx.axis("off")
+    head = ["", "m", "l", "alpha", "acc", ""]
+    rows = []
+    for i in range(N):
+        if cur is None:
+            rows.append([f"row {i}", "−∞", "0", "", "0", ""])
+            continue
+        alpha = f"{cur['alpha'][i]:.4f}"
+        if phase == "rescale":           # the old state times alpha, before the new tile is added
+            prev = states[step - 1]
+            rows.append([f"row {i}", f"{cur['m'][i]:.0f}", f"{cur['alpha'][i] * prev['l'][i]:.4f}", alpha,
+                         f"{cur['acc_rescaled'][i]:.4f}", "old l, acc times alpha"])
+        else:
+            last = f"o = acc / l = {cur['acc'][i] / cur['l'][i]:.4f}" if phase == "end" else ""
+            rows.append([f"row {i}", f"{cur['m'][i]:.0f}", f"{cur['l'][i]:.4f}", alpha, f"{cur['acc'][i]:.4f}", last])
+    table = tx.table(cellText=rows, colLabels=head, loc="upper center", cellLoc="center",
+                     colWidths=[0.13, 0.08, 0.15, 0.15, 0.15, 0.36])
+    table.auto_set_font_size(False)
+    table.set_fontsize(9.5)
+    table.scale(1, 1.9)
+    notes = {
+        ("start", -1): "start: m = −∞, l = 0, acc = 0 for every row",
+        ("scores", 0): "key tile 0: m = its row max (4.6); alpha = e^(−∞ − m) = 0 rescales the empty state;\n"
+                       "l = Σ p (4.8), acc = Σ p v (4.9)",
+        ("rescale", 1): "key tile 1: row 0's max grows 3 → 4, so its old l and acc are multiplied by\n"
+                        "alpha = e^(3 − 4) = 0.3679 (4.7); row 1's max stays 3: alpha = 1",
+        ("add", 1): "key tile 1, added: l = alpha·l + Σ p (4.8), acc = alpha·acc + Σ p v (4.9)",
+        ("end", 1): "after the last tile: o = acc / l, lse = m + log l (4.10);\nthe same o as softmax over the whole row",
+    }
+    tx.text(0.5, 0.12, notes[(phase, step)], ha="center", va="center", fontsize=9.5, transform=tx.transAxes)
+    tx.set_title("the loop's state per row (m, l, alpha: the on_tile stream)", fontsize=9)
+    fig.suptitle("Online softmax (derivations/04, eqs. (4.5)-(4.10)): one query tile sweeps its key tiles",
+                 fontsize=11)
+    fig.tight_layout()
+    fig.canvas.draw()
+    image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()                         # (H, W, 3)
+    plt.close(fig)
+    return image
+
+
+def draw_online_softmax(plt, path: Path):
+    from PIL import Image
+
+    states = online_softmax_states()
+    frames = [("start", -1), ("scores", 0), ("rescale", 1), ("add", 1), ("end", 1)]
+    images = [Image.fromarray(_frame(plt, HAND_SCORES, HAND_V, states, step, phase)) for phase, step in frames]
+    images = [im.convert("P", palette=Image.ADAPTIVE, colors=64) for im in images]
+    images[0].save(path, save_all=True, append_images=images[1:], duration=[1800, 2600, 3000, 2600, 3400], loop=0,
+                   optimize=True)
 
 
 def _box(ax, xy, text, color="black", w=1.1, h=0.62, fs=13):
@@ -199,10 +320,11 @@ def main(out=OUT) -> list:
     plt = require_matplotlib()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    paths = [out / "graph.png", out / "causal_tiles.png", out / "gqa_reshape.png"]
+    paths = [out / "graph.png", out / "causal_tiles.png", out / "gqa_reshape.png", out / "online_softmax.gif"]
     draw_graph(plt, paths[0])
     draw_causal_tiles(plt, paths[1])
     draw_gqa(plt, paths[2])
+    draw_online_softmax(plt, paths[3])
     return paths
 
 

@@ -2,7 +2,8 @@
 
 - ``curves.png``: training and held-out loss, and held-out token accuracy, against the step.
 - ``attention.png``: the attention weights of every head of every layer on one held-out example,
-  rows (queries) and columns (keys) labelled with the tokens.
+  rows (queries) and columns (keys) labelled with the tokens (every k-th token when there are more
+  than 16, so the labels stay readable), one shared colour bar for the weight (0 to 1).
 - ``sqrt_d.png``: why scores are scaled by 1/sqrt(D), computed on the spot for unit-variance q, k at
   initialization: how saturated the softmax is (its largest weight, averaged over rows) and how large
   its Jacobian is (Frobenius norm of diag(p) - p p^T, averaged over rows), with and without the scale,
@@ -32,6 +33,16 @@ def require_matplotlib():
 
 def _tokens(seq) -> list:
     return ["|" if t == 10 else str(int(t)) for t in seq]
+
+
+def _token_ticks(ax, labels, max_labels: int = 16):
+    """Label rows and columns with the tokens, every k-th one when there are more than
+    ``max_labels``, each with its position (``3:7`` is position 3, token 7)."""
+    step = max(1, -(-len(labels) // max_labels))                   # ceil(n / max_labels)
+    where = list(range(0, len(labels), step))
+    text = [f"{i}:{labels[i]}" if step > 1 else labels[i] for i in where]
+    ax.set_xticks(where, text, fontsize=8, rotation=90 if step > 1 else 0)
+    ax.set_yticks(where, text, fontsize=8)
 
 
 def sqrt_d_stats(dims=(4, 16, 64, 256, 1024), keys: int = 64, rows: int = 256, seed: int = 0) -> dict:
@@ -79,18 +90,22 @@ def demo_pictures(plot_dir, cfg, model, example) -> list:
 
     _, cache = gpt_forward(model.params, model.config, x)
     layers, heads = model.config.num_layers, model.config.num_heads
-    fig, axes = plt.subplots(layers, heads, figsize=(2.6 * heads, 2.6 * layers), squeeze=False)
+    fig, axes = plt.subplots(layers, heads, figsize=(3.4 * heads + 1.2, 3.4 * layers + 0.6), squeeze=False,
+                             constrained_layout=True)
     labels = _tokens(x[0])
     for li in range(layers):
         p = np.asarray(cache.blocks[li].attn.attn.p)[0]                  # (H, N, N)
         for h in range(heads):
             ax = axes[li][h]
-            ax.imshow(p[h], cmap="viridis", vmin=0, vmax=1)
-            ax.set_xticks(range(len(labels)), labels, fontsize=6)
-            ax.set_yticks(range(len(labels)), labels, fontsize=6)
-            ax.set_title(f"layer {li}, head {h}", fontsize=8)
-    fig.suptitle("attention weights on a held-out example (rows: queries, columns: keys)")
-    fig.tight_layout()
+            image = ax.imshow(p[h], cmap="viridis", vmin=0, vmax=1)
+            _token_ticks(ax, labels)
+            ax.set_title(f"layer {li}, head {h}", fontsize=10)
+            if li == layers - 1:
+                ax.set_xlabel("key (token)", fontsize=9)
+            if h == 0:
+                ax.set_ylabel("query (token)", fontsize=9)
+    fig.colorbar(image, ax=axes, shrink=0.8, label="attention weight p (each row sums to 1)")
+    fig.suptitle("attention weights on a held-out example (rows: queries, columns: keys; '|' is the separator)")
     paths.append(os.path.join(plot_dir, "attention.png"))
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
