@@ -8,9 +8,9 @@ Keys: ``norm1.gamma norm1.beta attn.<MHA keys> norm2.gamma norm2.beta ffn.w_1 ff
 Forward, in steps (derivations/11-transformer-block.md):
     1. a = norm1(x)                                   eqs. (7.1)-(7.2) or (7.5)
     2. h = x + attn(a)                                eq. (11.1)
-    3. b = norm2(h)
-    4. f = ffn(b) = act(b w_1 + b_1) w_2 + b_2        eq. (11.2)
-       swiglu: (silu(b w_1 + b_1) * (b w_3 + b_3)) w_2 + b_2     eq. (11.3)
+    3. xi = norm2(h)                                   (the chapter's ξ; b is kept for the biases)
+    4. f = ffn(xi) = act(xi w_1 + b_1) w_2 + b_2      eq. (11.2)
+       swiglu: (silu(xi w_1 + b_1) * (xi w_3 + b_3)) w_2 + b_2     eq. (11.3)
     5. y = h + f                                      eq. (11.1)
 Backward, the same steps in reverse; each residual ``+`` copies its gradient to both inputs, and the
 stream's two uses of x (and of h) add up:
@@ -139,8 +139,8 @@ def block_forward(params, spec: BlockSpec, x, *, mask=None, key_mask=None, causa
     att, attn = mha_forward(sub(params, "attn."), spec.attn, a, mask=mask, key_mask=key_mask,
                             causal=causal, past=past, offset=offset, kv_cache=kv_cache)
     h = x + att                                                                          # 2. eq. (11.1)
-    b, n2 = norm_forward(sub(params, "norm2."), spec.norm, h, spec.norm_eps)             # 3.
-    f, ffn = ffn_forward(sub(params, "ffn."), spec.activation, b)                         # 4.
+    xi, n2 = norm_forward(sub(params, "norm2."), spec.norm, h, spec.norm_eps)            # 3.
+    f, ffn = ffn_forward(sub(params, "ffn."), spec.activation, xi)                        # 4.
     return h + f, BlockCache(norm1=n1, attn=attn, norm2=n2, ffn=ffn, spec=spec)           # 5. eq. (11.1)
 
 

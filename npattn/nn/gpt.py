@@ -9,7 +9,7 @@ Forward, in steps (derivations/11-transformer-block.md and 09-embeddings-positio
     1. x = wte[ids]                                        eq. (9.1)
     2. x = x + wpe[t0 : t0+N]  (learned) or + the sinusoidal table (eq. (9.3)); RoPE acts in attention
        (t0 = the number of cached tokens; 0 without a KV cache)
-    3. x = block_i(x), i = 0 .. L-1, causal                eq. (11.1)
+    3. x = block_i(x), i = 0 .. n_L - 1, causal            eq. (11.1)
     4. h = norm_f(x)
     5. logits = h wte^T (tied) or h lm_head                eq. (11.6)
 Backward, the same steps in reverse:
@@ -331,9 +331,9 @@ class GPT(Layer):
         """Greedy decoding: a new ``(B, N + max_new_tokens)`` array of ids of ``ids``' dtype (int64 when
         that dtype cannot hold ``vocab_size - 1``: widened, never wrapped). With the cache each step
         feeds only the new token; without it each step runs the whole sequence. Same tokens either
-        way. Does not touch the cache ``backward`` uses. With the cache, decoding T tokens after a
-        prompt of P computes T P + T (T - 1) / 2 scores instead of O((P + T)^3): derivations/12-kv-cache.md,
-        eq. (12.2)."""
+        way. Does not touch the cache ``backward`` uses. Per layer and head, T tokens after a prompt of
+        M0 compute M0^2 + sum_{s=1}^{T-1} (M0 + s) scores with the cache, sum_{s<T} (M0 + s)^2 without:
+        derivations/12-kv-cache.md, eq. (12.2)."""
         max_new_tokens = check_int_arg("max_new_tokens", max_new_tokens, minimum=0)
         use_cache = check_flag("use_cache", use_cache)
         xp = namespace(ids=ids, wte=self.params["wte"])

@@ -104,7 +104,7 @@ def cross_entropy_forward(logits, target, *, ignore_index: int = -100, label_smo
         raise TypeError(f"target must be integer class ids or float probabilities, got dtype {target.dtype}")
     # step 3, eq. (10.4): -sum q logp over counted rows / count; q is 0 on ignored rows, and
     # where() keeps -inf logp (a masked class with q = 0) from making 0 * -inf = NaN
-    per_class = xp.where(q == 0, xp.zeros_like(logp), q * logp)
+    per_class = q * xp.where(q == 0, xp.zeros_like(logp), logp)
     loss = -xp.sum(per_class) / count if count else xp.sum(per_class) * 0.0
     cache = CrossEntropyCache(logp=logp, q=q, counted=counted, count=count, dtype=logits.dtype)
     return xp.astype(loss, logits.dtype, copy=False), cache
