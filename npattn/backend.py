@@ -133,13 +133,13 @@ def check_same_dtype(**arrays) -> None:
         raise TypeError(f"arrays must share one dtype: {listed}")
 
 
-def check_dout(xp, dout, shape: tuple, dtype, name: str = "dout") -> None:
+def check_dout(xp, dout, shape: tuple, dtype, name: str = "dout", output: str = "the output") -> None:
     """An upstream gradient must have its output's shape and dtype (never cast silently)."""
     check_float(xp, name, dout)
     if tuple(dout.shape) != tuple(shape):
-        raise ValueError(f"{name} must have the output's shape {tuple(shape)}, got {tuple(dout.shape)}")
+        raise ValueError(f"{name} must have {output}'s shape {tuple(shape)}, got {tuple(dout.shape)}")
     if dout.dtype != dtype:
-        raise TypeError(f"{name} must have the output's dtype {dtype}, got {dout.dtype}")
+        raise TypeError(f"{name} must have {output}'s dtype {dtype}, got {dout.dtype} (npattn never casts silently)")
 
 
 def compute_dtype(xp, dtype):

@@ -150,27 +150,30 @@ def grade(args) -> int:
 
 
 def bench_layers(args) -> int:
-    from .bench import LAYERS_HEADER, LayersConfig, format_layers_row, machine, run_layers_bench, write_json
+    from .bench import LayersConfig, run_layers_bench
 
     cfg = LayersConfig(repeats=args.repeats, memory=not args.no_memory, seed=args.seed)
-    print(f"npattn bench --suite layers: float32, median of {cfg.repeats}; ratio = npattn / torch "
-          f"(memory rows: flash / naive); {machine()}", flush=True)
-    print(LAYERS_HEADER, flush=True)
-    rows = run_layers_bench(cfg, progress=lambda row: print(format_layers_row(row), flush=True))
-    if args.json:
-        write_json(args.json, cfg, rows)
-        print(f"wrote {args.json}")
-    return 0
+    return _side_by_side_suite(args, cfg, run_layers_bench, f"npattn bench --suite layers: float32, median of "
+                               f"{cfg.repeats}; ratio = npattn / torch (memory rows: flash / naive)")
 
 
 def bench_beyond(args) -> int:
-    from .bench import LAYERS_HEADER, BeyondConfig, format_layers_row, machine, run_beyond_bench, write_json
+    from .bench import BeyondConfig, run_beyond_bench
 
     cfg = BeyondConfig(repeats=args.repeats, memory=not args.no_memory, seed=args.seed)
-    print(f"npattn bench --suite beyond: float32, fwd+bwd, median of {cfg.repeats}; ratio = row / the bench's "
-          f"first row; peak = NumPy allocations above the inputs; {machine()}", flush=True)
+    return _side_by_side_suite(args, cfg, run_beyond_bench, f"npattn bench --suite beyond: float32, fwd+bwd, median "
+                               f"of {cfg.repeats}; ratio = row / the bench's first row; peak = NumPy allocations above "
+                               f"the inputs")
+
+
+def _side_by_side_suite(args, cfg, run, title: str) -> int:
+    """A suite whose rows compare two computations side by side: its title and the machine, the
+    table as it runs, and the JSON when asked."""
+    from .bench import LAYERS_HEADER, format_layers_row, machine, write_json
+
+    print(f"{title}; {machine()}", flush=True)
     print(LAYERS_HEADER, flush=True)
-    rows = run_beyond_bench(cfg, progress=lambda row: print(format_layers_row(row), flush=True))
+    rows = run(cfg, progress=lambda row: print(format_layers_row(row), flush=True))
     if args.json:
         write_json(args.json, cfg, rows)
         print(f"wrote {args.json}")

@@ -46,7 +46,6 @@ from typing import Callable, NamedTuple, Optional
 from ..backend import (
     check_block,
     check_cache,
-    check_float,
     check_dout,
     check_workers,
     compute_dtype,
@@ -356,11 +355,7 @@ def flash_attention_backward(dout, cache: FlashCache, *, dlse=None, mask_grad: b
     check_dout(xp, dout, o.shape, o.dtype)
     want_dmask = _check_mask_grad(xp, mask_grad, sc)
     if dlse is not None:
-        check_float(xp, "dlse", dlse)
-        if tuple(dlse.shape) != tuple(lse.shape):
-            raise ValueError(f"dlse must have lse's shape {tuple(lse.shape)}, got {tuple(dlse.shape)}")
-        if dlse.dtype != lse.dtype:
-            raise TypeError(f"dlse must have lse's dtype {lse.dtype}, got {dlse.dtype} (npattn never casts silently)")
+        check_dout(xp, dlse, lse.shape, lse.dtype, name="dlse", output="lse")
     if cache.packed is not None:                      # each sequence's backward: eq. (15.6)
         grads = [flash_attention_backward(dout[:, rows, :], c, dlse=None if dlse is None else dlse[:, rows],
                                           workers=workers) for rows, _, c in cache.packed]

@@ -354,11 +354,7 @@ def paged_attention_backward(dout, cache: PagedCache, *, dlse=None):
     xp = namespace(dout=dout, q=q, dlse=dlse)
     check_dout(xp, dout, o.shape, o.dtype)
     if dlse is not None:
-        check_float(xp, "dlse", dlse)
-        if tuple(dlse.shape) != tuple(lse.shape):
-            raise ValueError(f"dlse must have lse's shape {tuple(lse.shape)}, got {tuple(dlse.shape)}")
-        if dlse.dtype != lse.dtype:
-            raise TypeError(f"dlse must have lse's dtype {lse.dtype}, got {dlse.dtype} (npattn never casts silently)")
+        check_dout(xp, dlse, lse.shape, lse.dtype, name="dlse", output="lse")
     B, H, N, D = q.shape
     ct = compute_dtype(xp, q.dtype)
     dev = device(q)
