@@ -387,7 +387,10 @@ def host_index(name: str, a, ndim: int) -> np.ndarray:
     elif is_array_api_obj(a):
         if not array_namespace(a).isdtype(a.dtype, "integral"):
             raise TypeError(f"{name} must be an integer array, got dtype {a.dtype}")
-        host = to_numpy(a).astype(np.int64, copy=True)
+        host = to_numpy(a)
+        if host.dtype.kind == "u" and host.size and int(host.max()) > np.iinfo(np.int64).max:
+            raise ValueError(f"{name} holds a value above 2**63 - 1 (dtype {host.dtype}): no length is that large")
+        host = host.astype(np.int64, copy=True)
     else:
         raise TypeError(f"{name} must be an integer array, got {type(a).__name__}")
     if host.ndim != ndim:

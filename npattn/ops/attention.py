@@ -264,7 +264,8 @@ def attention_forward(q, k, v, *, mask=None, causal=False, scale=None, dropout_p
         Packed variable-length sequences: ``q (H, total_q, D)``, ``k (G, total_k, D)``; sequence
         ``b``'s queries ``cu_seqlens_q[b]:cu_seqlens_q[b+1]`` attend only its keys
         ``cu_seqlens_k[b]:cu_seqlens_k[b+1]``, every rule (causal, window, ALiBi, sinks) per sequence.
-        ``cache.p`` is then a tuple of the sequences' weights. No ``mask`` with them.
+        ``cache.p`` is then a tuple of the sequences' weights; the rest of each sequence's state
+        (``p_sink``, the dropout mask) is in its own cache, ``cache.packed[b][2]``. No ``mask`` with them.
     workers : int >= 1 or None
         Threads over independent (batch, kv-group) slices, each running steps 1-5 below on its
         slice (BLAS on one thread each; needs threadpoolctl). None: every core for NumPy inputs with
@@ -286,10 +287,11 @@ def attention_forward(q, k, v, *, mask=None, causal=False, scale=None, dropout_p
     ct = compute_dtype(xp, q.dtype)
     M, Dv = k.shape[-2], v.shape[-1]
     scores_shape = tuple(q.shape[:-1]) + (M,)                             # (..., H, N, M)
+    packed = cu_seqlens_q is not None or cu_seqlens_k is not None
+    seqs = packed_sequences(q, k, v, cu_seqlens_q, cu_seqlens_k, mask) if packed else None
     sc = make_scores(xp, q, k, mask=mask, causal=causal, scale=scale, softcap=softcap,
                      alibi_slopes=alibi_slopes, window=window, G=G, R=R, sinks=sinks)
-    if cu_seqlens_q is not None or cu_seqlens_k is not None:             # one call per sequence: eq. (15.6)
-        seqs = packed_sequences(q, k, v, cu_seqlens_q, cu_seqlens_k, mask)
+    if packed:                                                            # one call per sequence: eq. (15.6)
         gen = None if dropout_p == 0.0 else host_rng(rng)                 # one stream, drawn sequence by sequence
         kwargs = dict(causal=causal, scale=scale, dropout_p=dropout_p, rng=gen, softcap=softcap,
                       alibi_slopes=alibi_slopes, window=window, sinks=sinks, workers=workers)
@@ -451,11 +453,12 @@ def _join_packed(xp, grads: list, q, k, v, sc: Scores) -> tuple:
     and ``dv`` along the keys (each key belongs to one sequence), ``dsinks`` summed (every sequence
     shares the heads' sinks): eq. (15.6)."""
     out = tuple(_concat_rows(xp, [g[i] for g in grads], tuple(a.shape), q.dtype, q) for i, a in enumerate((q, k, v)))
-    if sc.sinks is not None:
-        dsinks = xp.zeros(sc.sinks_shape, dtype=q.dtype, device=device(q))
+    if sc.sinks is not None:                          # summed in the compute dtype (float32 for float16), cast once
+        ct = compute_dtype(xp, q.dtype)
+        dsinks = xp.zeros(sc.sinks_shape, dtype=ct, device=device(q))
         for g in grads:                               # in sequence order: reproducible
-            dsinks = dsinks + g[3]
-        out += (dsinks,)
+            dsinks = dsinks + xp.astype(g[3], ct)
+        out += (xp.astype(dsinks, q.dtype, copy=False),)
     return out
 
 

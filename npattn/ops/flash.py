@@ -217,7 +217,8 @@ def flash_attention_forward(q, k, v, *, mask=None, causal=False, scale=None, sof
     on_tile : callable, optional
         Called with a ``FlashTile`` after every (query tile, key tile) step, to watch the online
         softmax state; costs nothing when None. With ``workers > 1`` it is called from the worker
-        threads, key tiles in order within a query tile, query tiles interleaved.
+        threads, key tiles in order within a query tile, query tiles interleaved. With packed
+        sequences the tiles are each sequence's own, so ``i`` and ``j`` restart at 0 per sequence.
     workers : int >= 1 or None
         Threads for the outer loop, as FlashAttention-2 spreads query tiles over thread blocks
         (derivations/14-parallel-tiles.md, eq. (14.1)); each query tile is still computed exactly
@@ -242,8 +243,8 @@ def flash_attention_forward(q, k, v, *, mask=None, causal=False, scale=None, sof
         raise TypeError(f"on_tile must be callable or None, got {on_tile!r}")
     variants = dict(causal=causal, scale=scale, softcap=softcap, alibi_slopes=alibi_slopes, window=window, sinks=sinks)
     if cu_seqlens_q is not None or cu_seqlens_k is not None:             # one tile loop per sequence: eq. (15.6)
-        sc = make_scores(xp, q, k, mask=mask, G=G, R=R, **variants)
         seqs = packed_sequences(q, k, v, cu_seqlens_q, cu_seqlens_k, mask)
+        sc = make_scores(xp, q, k, mask=mask, G=G, R=R, **variants)
         block_q, block_k, workers = default_tiling(q, max([r.stop - r.start for r, _ in seqs], default=0),
                                                    block_q, block_k, workers)
         parts = [(rows, keys) + flash_attention_forward(q[:, rows, :], k[:, keys, :], v[:, keys, :], block_q=block_q,
