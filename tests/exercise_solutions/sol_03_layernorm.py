@@ -1,22 +1,13 @@
 """Solution of exercise 3: the LayerNorm and RMSNorm backwards.
 
-Read derivations/07-layernorm.md: the three paths of eq. (7.4) (direct, through the mean, through the
-variance) and RMSNorm's eq. (7.6). Write ``layernorm_backward`` and ``rmsnorm_backward``; check them
-with ``npattn grade exercises/03_layernorm.py``.
-
-Shapes: ``x (..., E)`` normalized over the last axis; ``gamma``, ``beta (E,)`` shared by every row,
-so their gradients sum over rows.
-"""
+The exercise file as shipped (its forward and helpers, exercises/03_layernorm.py) with the learner's
+part written out below."""
 
 import numpy as np
 
+from tests.exercise_solutions import exercise
 
-def layernorm_forward(x, gamma, beta, *, eps=1e-5):
-    """``y = (x - mean) / sqrt(var + eps) * gamma + beta`` (biased variance); returns ``(y, cache)``."""
-    mu = np.mean(x, axis=-1, keepdims=True)
-    rstd = 1.0 / np.sqrt(np.mean((x - mu) ** 2, axis=-1, keepdims=True) + eps)   # (..., 1)
-    xhat = (x - mu) * rstd
-    return xhat * gamma + beta, (xhat, rstd, gamma)
+globals().update(exercise("03_layernorm.py"))                      # the stub's forward and helpers
 
 
 def layernorm_backward(dout, cache):
@@ -28,13 +19,6 @@ def layernorm_backward(dout, cache):
     dx = rstd * (dxhat - np.mean(dxhat, axis=-1, keepdims=True)
                  - xhat * np.mean(dxhat * xhat, axis=-1, keepdims=True))      # eq. (7.4)
     return dx, dgamma, dbeta
-
-
-def rmsnorm_forward(x, gamma, *, eps=1e-6):
-    """``y = x / sqrt(mean(x^2) + eps) * gamma``; returns ``(y, cache)``."""
-    rrms = 1.0 / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)   # (..., 1)
-    xhat = x * rrms
-    return xhat * gamma, (xhat, rrms, gamma)
 
 
 def rmsnorm_backward(dout, cache):

@@ -1,41 +1,14 @@
 """Solution of exercise 6: the multi-head self-attention backward, end to end.
 
-Read derivations/06-multihead.md (the head split as a reshape, eqs. (6.2)-(6.3), and the fan-out sum
-of self-attention, eq. (6.4)); the attention in the middle is exercise 2's. Write ``mha_backward``;
-check it with ``npattn grade exercises/06_multihead.py``.
-
-Shapes: ``x (B, N, E)``; ``w_q, w_k, w_v (E, E)`` with ``heads`` heads of ``D = E / heads``
-(head ``h`` owns columns ``h*D:(h+1)*D``), ``w_o (E, E)``; no biases.
-"""
+The exercise file as shipped (its forward and helpers, exercises/06_multihead.py) with the learner's
+part written out below."""
 
 import math
-
 import numpy as np
 
+from tests.exercise_solutions import exercise
 
-def _attention(q, k, v, causal):
-    n, m, d = q.shape[-2], k.shape[-2], q.shape[-1]
-    s = q @ np.swapaxes(k, -1, -2) / math.sqrt(d)                       # (B, H, N, M)
-    if causal:
-        s = np.where(np.arange(m)[None, :] <= np.arange(n)[:, None] + m - n, s, -np.inf)
-    p = np.exp(s - np.max(s, axis=-1, keepdims=True))
-    p = p / np.sum(p, axis=-1, keepdims=True)
-    return p @ v, p                                                     # (B, H, N, D)
-
-
-def mha_forward(x, w_q, w_k, w_v, w_o, *, heads, causal=False):
-    """``out = merge(attention(split(x w_q), split(x w_k), split(x w_v))) w_o``; returns ``(out, cache)``."""
-    b, n, e = x.shape
-    d = e // heads
-
-    def split(a):                                                       # (B, N, E) -> (B, H, N, D)
-        return a.reshape(b, n, heads, d).transpose(0, 2, 1, 3)
-
-    q, k, v = split(x @ w_q), split(x @ w_k), split(x @ w_v)
-    o, p = _attention(q, k, v, causal)                                  # (B, H, N, D)
-    merged = o.transpose(0, 2, 1, 3).reshape(b, n, e)                   # (B, N, E)
-    out = merged @ w_o
-    return out, (x, w_q, w_k, w_v, w_o, q, k, v, p, merged, heads)
+globals().update(exercise("06_multihead.py"))                      # the stub's forward and helpers
 
 
 def mha_backward(dout, cache):

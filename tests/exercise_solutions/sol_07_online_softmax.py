@@ -1,20 +1,14 @@
 """Solution of exercise 7: the online-softmax tile loop (the flash-attention forward).
 
-Read derivations/04-online-softmax.md ("Merging two sets" and "The loop, as the code runs it").
-Write the loop in ``online_softmax_attention``; check it with
-``npattn grade exercises/07_online_softmax.py``.
-
-Shapes: ``q (H, N, D)``, ``k (H, M, D)``, ``v (H, M, Dv)``; returns ``o (H, N, Dv)`` and the
-log-sum-exp ``lse (H, N)`` of the scaled scores (natural log). Walk the keys in tiles of ``block_k``
-(which need not divide M), keeping per row the running max ``m_i``, the running sum ``l_i`` and the
-unnormalized output ``acc``; never form the N x M matrix of all scores. ``causal`` is bottom-right
-(key ``j`` allowed for query ``i`` iff ``j <= i + M - N``); a row with no allowed key gives
-``o = 0`` and ``lse = -inf``.
-"""
+The exercise file as shipped (its forward and helpers, exercises/07_online_softmax.py) with the learner's
+part written out below."""
 
 import math
-
 import numpy as np
+
+from tests.exercise_solutions import exercise
+
+globals().update(exercise("07_online_softmax.py"))                      # the stub's forward and helpers
 
 
 def online_softmax_attention(q, k, v, *, causal=False, block_k=2):

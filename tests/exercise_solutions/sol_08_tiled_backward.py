@@ -1,18 +1,14 @@
 """Solution of exercise 8: the tiled attention backward (the flash-attention backward).
 
-Read derivations/05-flash-backward.md (recomputing p from lse, eq. (5.1); delta = rowsum(dout * o),
-eq. (5.3); the loop, eqs. (5.4)-(5.5)). Write ``tiled_attention_backward``; check it with
-``npattn grade exercises/08_tiled_backward.py``.
-
-Shapes: ``q (H, N, D)``, ``k (H, M, D)``, ``v (H, M, Dv)``, ``o`` and ``dout (H, N, Dv)``,
-``lse (H, N)`` (``-inf`` on a row with no allowed key). Walk query tiles of ``block_q`` and key tiles
-of ``block_k`` (neither need divide N or M), recomputing each tile's ``p = exp(s - lse)``; never
-form the N x M matrix. ``causal`` is bottom-right, as in exercise 7.
-"""
+The exercise file as shipped (its forward and helpers, exercises/08_tiled_backward.py) with the learner's
+part written out below."""
 
 import math
-
 import numpy as np
+
+from tests.exercise_solutions import exercise
+
+globals().update(exercise("08_tiled_backward.py"))                      # the stub's forward and helpers
 
 
 def tiled_attention_backward(dout, q, k, v, o, lse, *, causal=False, block_q=2, block_k=2):
