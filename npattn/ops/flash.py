@@ -18,17 +18,18 @@ Forward for query tile i (derivations/04-online-softmax.md):
         m_new = max(m_i, rowmax(s))                       eq. (4.6)
         alpha = exp(m_i - m_new)                          eq. (4.7)
         p     = exp(s - m_new)                            eq. (4.7)
-        l_i   = alpha * l_i + rowsum(p)                   eq. (4.8)
+        l_i   = alpha * l_i + rowsum(p)                   eq. (4.8), rowsum as the product p 1
         acc   = alpha * acc + p v_j                       eq. (4.9)
         m_i   = m_new
     o_i = acc / l_i,  lse_i = m_i + log(l_i)             eq. (4.10)
 Backward (derivations/05-flash-backward.md):
     delta = rowsum(dout * o) - dlse                       eqs. (5.3), (5.6)
+    dout, delta = dout / l, delta / l                     eq. (5.8): 1/l folded in once, per row
     for each key tile j, for each query tile i that can see it:
-        p    = exp(scores(q_i, k_j) - m_i) / l_i          eq. (5.4) (= exp(s - lse_i), without lse's rounding)
-        dv_j += p^T dout_i                                eq. (5.5)
+        p    = exp(scores(q_i, k_j) - m_i)                eq. (5.4) times l_i (= l_i exp(s - lse_i), without lse's rounding)
+        dv_j += p^T dout_i                                eqs. (5.5), (5.8)
         dp   = dout_i v_j^T                               eq. (5.5)
-        ds   = p * (dp - delta_i)                         eq. (5.6)
+        ds   = p * (dp - delta_i)                         eqs. (5.6), (5.8)
         dmask_ij += ds (summed to the mask's block),  ds *= 1 - tanh^2 (softcap)   eqs. (13.5)-(13.6)
         dq_i += scale * ds k_j,  dk_j += scale * ds^T q_i eq. (5.5)
     (the backward scales each query tile exactly as the forward did, so the recomputed scores are
@@ -51,6 +52,7 @@ from ..backend import (
     compute_dtype,
     default_workers,
     device,
+    exp_,
     namespace,
     run_grid,
     to_compute,
@@ -121,6 +123,13 @@ class _Tiles:
         self.cols = [(j0, min(j0 + block_k, self.M)) for j0 in range(0, self.M, block_k)]
         self.neg_inf = xp.asarray(-xp.inf, dtype=compute_dtype(xp, q.dtype), device=device(q))
         self.like = q
+        self.ones = xp.ones((block_k, 1), dtype=self.neg_inf.dtype, device=device(q))   # rowsum's 1
+
+    def rowsum(self, p):
+        """``rowsum(p)`` of a tile ``(..., R*bq, bk)`` as ``(..., R*bq, 1)``: the product ``p 1``, one
+        BLAS matrix-vector call, 3x faster than a reduction along the rows' short last axis
+        (benchmarks/RESULTS.md, "Close to the machine")."""
+        return p @ self.ones[:p.shape[-1], :]
 
     def key_tiles(self, rows) -> list:
         """The key tiles query tile ``rows`` may see: causal and the window hide the others
@@ -293,14 +302,15 @@ def flash_attention_forward(q, k, v, *, mask=None, causal=False, scale=None, sof
                 m_new = m_tile if m_i is None else xp.maximum(m_i, m_tile)  # eq. (4.6)
                 m_safe = xp.where(m_new == -xp.inf, zero, m_new)            # all -inf so far: shift by 0
                 s -= m_safe                                                 # in place: s is this step's own array
-                p = xp.exp(s)                                               # (..., G, R*bq, bk)   eq. (4.7)
+                p = exp_(xp, s)                                             # (..., G, R*bq, bk)   eq. (4.7), over s
                 if l_i is None:
                     alpha = xp.zeros_like(m_safe)
-                    l_i, acc = xp.sum(p, axis=-1, keepdims=True), p @ v_j  # eqs. (4.8)-(4.9)
+                    l_i, acc = t.rowsum(p), p @ v_j                         # eqs. (4.8)-(4.9)
                 else:
                     alpha = xp.exp(m_i - m_safe)                            # (..., G, R*bq, 1)    eq. (4.7)
-                    l_i = alpha * l_i + xp.sum(p, axis=-1, keepdims=True)  # eq. (4.8)
-                    acc = alpha * acc + p @ v_j                             # (..., G, R*bq, Dv)   eq. (4.9)
+                    l_i = alpha * l_i + t.rowsum(p)                         # eq. (4.8)
+                    acc *= alpha                                            # eq. (4.9), in place: our own array
+                    acc += p @ v_j                                          # (..., G, R*bq, Dv)
                 m_i = m_new
                 if on_tile is not None:
                     on_tile(FlashTile(i, j, *(xp.asarray(t.heads(x, rows), copy=True)   # copies: the
@@ -379,10 +389,13 @@ def flash_attention_backward(dout, cache: FlashCache, *, dlse=None, mask_grad: b
         delta = delta - xp.astype(dlse, ct)[..., None]
     # eq. (5.4) as exp(s - m) / l with the forward's own m and 1/l: the same p, without lse = m + log l,
     # which loses |m| eps in float32 at large scores; a row that saw no key has m = 0 and 1/l = 0: p = 0
-    shift5, inv_l5 = (t.grouped(a[..., None]) for a in (cache.shift, cache.inv_l))   # (..., G, R, N, 1)
-    q5, dout5, delta5 = (t.grouped(a) for a in (qc, dout_c, delta))                  # (..., G, R, N, C)
-    per_row = [(t.split(q5, rows), t.split(dout5, rows), t.split(shift5, rows), t.split(inv_l5, rows),
-                t.split(delta5, rows)) for rows in t.rows]   # q-side tiles, sliced once (views when R == 1)
+    # eq. (5.8): 1/l folded into dout and delta once per row, O(N Dv), so the loop uses p~ = l p = exp(s - m)
+    # and never rescales a tile; and q scaled once, elementwise as the forward's tiles, so s is bitwise its s
+    inv_l = cache.inv_l[..., None]                                          # (..., H, N, 1)
+    q5, dout5, delta5, shift5 = (t.grouped(a) for a in (qc * scale, dout_c * inv_l, delta * inv_l,
+                                                         cache.shift[..., None]))   # (..., G, R, N, C)
+    per_row = [tuple(t.split(a, rows) for a in (q5, dout5, shift5, delta5))
+               for rows in t.rows]                    # q-side tiles, sliced once (views when R == 1)
 
     # outputs written tile by tile; rows and keys no tile reaches keep their gradient 0
     shares = _shares(len(t.cols), workers)
@@ -404,19 +417,16 @@ def flash_attention_backward(dout, cache: FlashCache, *, dlse=None, mask_grad: b
             dk_j = dv_j = None
             for i in t.query_tiles(cols):                                   # the band's tiles only: eq. (13.4)
                 rows = t.rows[i]
-                q_i, dout_i, m_i, inv_l_i, delta_i = per_row[i]
-                q_s = q_i * scale                                           # the forward's scaled tile, bitwise
+                q_s, dout_l, m_i, delta_l = per_row[i]                     # q_s: alpha q_i; dout_i / l, delta_i / l
                 s, tanh_s = t.scores(q_s @ k_j.mT, rows, cols)              # (..., G, R*bq, bk)
                 s -= m_i                                                    # in place: this step's own array
-                p = xp.exp(s)                                               # eq. (5.4): exp(s - m) / l
-                p *= inv_l_i
-                del s                                                       # two tiles alive, not three
-                dv_step = p.mT @ dout_i                                     # eq. (5.5)
-                dp = dout_i @ v_j.mT                                        # (..., G, R*bq, bk)    eq. (5.5)
-                dp -= delta_i
+                p = exp_(xp, s)                                             # eq. (5.8): p~ = exp(s - m) = l p, over s
+                dv_step = p.mT @ dout_l                                     # eqs. (5.5), (5.8): p^T dout
+                dp = dout_l @ v_j.mT                                        # (..., G, R*bq, bk): dp / l
+                dp -= delta_l
                 dp *= p                                                     # in place: dp is our own array
-                ds = dp                                                     # eq. (5.6): p * (dp - delta_i)
-                del p
+                ds = dp                                                     # eqs. (5.6), (5.8): p * (dp - delta_i)
+                del s, p                                                    # two tiles alive, not three
                 if dmask is not None:                                       # eq. (13.5): ds, summed to the mask
                     idx = t.mask_index(rows, cols)
                     ds5 = xp.reshape(ds, t.lead + (t.G, t.R, rows[1] - rows[0], cols[1] - cols[0]))
@@ -424,10 +434,14 @@ def flash_attention_backward(dout, cache: FlashCache, *, dlse=None, mask_grad: b
                     dmask[idx] = dmask[idx] + block
                 ds = softcap_backward(ds, tanh_s)                           # eq. (13.6)
                 dk_step = ds.mT @ q_s                                       # eq. (5.5); q_s carries the scale
-                dv_j = dv_step if dv_j is None else dv_j + dv_step          # (..., G, bk, Dv)
-                dk_j = dk_step if dk_j is None else dk_j + dk_step          # (..., G, bk, D)
-                dq_i = dq5[..., rows[0]:rows[1], :]
-                dq5[..., rows[0]:rows[1], :] = dq_i + t.unsplit(ds @ k_j, rows)   # (..., G, R, bq, D)
+                dq_step = ds @ k_j                                          # (..., G, R*bq, D)     eq. (5.5)
+                if dk_j is None:                                            # the sums start from the first
+                    dv_j, dk_j = dv_step, dk_step                           # step's own arrays, then add in place
+                else:
+                    dv_j += dv_step                                         # (..., G, bk, Dv)
+                    dk_j += dk_step                                         # (..., G, bk, D)
+                dq_i = dq5[..., rows[0]:rows[1], :]                         # a view: (..., G, R, bq, D)
+                dq_i += t.unsplit(dq_step, rows)                            # summed in place
             if dk_j is not None:
                 dk[..., cols[0]:cols[1], :] = dk_j
                 dv[..., cols[0]:cols[1], :] = dv_j
