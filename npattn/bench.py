@@ -470,8 +470,9 @@ def transformers_available() -> bool:
 
 
 def run_layers_bench(cfg: LayersConfig, progress=None) -> list[dict]:
-    """Three comparisons, each measured side by side: the MHA layer vs torch's, the flash layer's peak
-    memory vs the naive layer's, and a GPT training step vs Hugging Face GPT-2 in torch eager."""
+    """Three comparisons, each measured side by side: the MHA layer vs torch's (without and with causal),
+    the flash layer's peak memory vs the naive layer's, and a GPT training step vs Hugging Face GPT-2 in
+    torch eager."""
     rows = []
 
     def emit(row):
@@ -492,8 +493,10 @@ def run_layers_bench(cfg: LayersConfig, progress=None) -> list[dict]:
             emit(dict(bench=bench, setting=setting, impl=their_name, vs=1.0, peak_mib=None, **other))
 
     b, n, e, h = cfg.mha
-    ours, theirs = _mha_runners(b, n, e, h, cfg.seed)
-    side_by_side("mha fwd+bwd", f"B={b} N={n} E={e} H={h}", ours("naive"), theirs, "torch MHA", torch_available())
+    for causal in (False, True):
+        ours, theirs = _mha_runners(b, n, e, h, cfg.seed, causal=causal)
+        side_by_side("mha fwd+bwd", f"B={b} N={n} E={e} H={h}" + (" causal" if causal else ""), ours("naive"),
+                     theirs, "torch MHA", torch_available())
     if cfg.memory:
         b, n, e, h = cfg.mha_memory
         ours, _ = _mha_runners(b, n, e, h, cfg.seed, causal=True)

@@ -493,7 +493,7 @@ def _attend_backward(xp, dout, q, k, v, p, keep, t, p_sink, sc: Scores, dropout_
         dp = _dropout(xp, dp, keep, dropout_p)
     # step 3, softmax: eq. (3.9); with a sink (no value, so dp_sink = 0), delta is the same rowsum
     # and the sink's logit gets -p_sink * delta: eq. (15.3)
-    delta = xp.sum(p * dp, axis=-1, keepdims=True)                       # (..., H, N, 1)
+    delta = xp.vecdot(p, dp)[..., None]                                  # (..., H, N, 1): rowsum(p * dp), no N x M temporary
     dsink_rows = None if p_sink is None else -p_sink * delta[..., 0]     # (..., H, N)
     dp -= delta                                                          # in place: dp is our own array
     ds = dp                                                              # (..., H, N, M)

@@ -384,7 +384,7 @@ def flash_attention_backward(dout, cache: FlashCache, *, dlse=None, mask_grad: b
     kc, vc, dout_c = to_compute(xp, k), to_compute(xp, v), to_compute(xp, dout)
 
     # eq. (5.3): delta = rowsum(dout * o) = rowsum(p * dp), O(N Dv) instead of O(N M); eq. (5.6): - dlse
-    delta = xp.sum(dout_c * to_compute(xp, o), axis=-1, keepdims=True)     # (..., H, N, 1)
+    delta = xp.vecdot(dout_c, to_compute(xp, o))[..., None]                # (..., H, N, 1)
     if dlse is not None:
         delta = delta - xp.astype(dlse, ct)[..., None]
     # eq. (5.4) as exp(s - m) / l with the forward's own m and 1/l: the same p, without lse = m + log l,

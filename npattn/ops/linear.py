@@ -57,9 +57,13 @@ def linear_forward(x, w, b=None):
     if b is not None and tuple(b.shape) != (w.shape[1],):
         raise ValueError(f"b must have shape ({w.shape[1]},) to match w {tuple(w.shape)}, got {tuple(b.shape)}")
 
-    y = to_compute(xp, x) @ to_compute(xp, w)                # (..., E_out)   eq. (1.1)
+    # one (P, E_in) @ (E_in, E_out) product over all P leading positions: one BLAS call instead of one
+    # per leading index, 17-24% faster (benchmarks/RESULTS.md, "Close to the machine")
+    rows, (e_in, e_out) = math.prod(x.shape[:-1]), w.shape
+    y = xp.reshape(xp.reshape(to_compute(xp, x), (rows, e_in)) @ to_compute(xp, w),
+                   tuple(x.shape[:-1]) + (e_out,))           # (..., E_out)   eq. (1.1)
     if b is not None:
-        y = y + to_compute(xp, b)
+        y += to_compute(xp, b)                               # in place: y is our own array
     return xp.astype(y, x.dtype, copy=False), LinearCache(x=x, w=w, has_bias=b is not None)
 
 
@@ -76,11 +80,11 @@ def linear_backward(dout, cache: LinearCache):
     e_in, e_out = w.shape
     dout_c, xc, wc = to_compute(xp, dout), to_compute(xp, x), to_compute(xp, w)
 
-    dx = dout_c @ wc.mT                                      # (..., E_in)    eq. (1.3)
     # every leading index is a row P that used the same w and b: their gradients add up
     rows = math.prod(x.shape[:-1])
     x2 = xp.reshape(xc, (rows, e_in))                        # (P, E_in)
     dout2 = xp.reshape(dout_c, (rows, e_out))                # (P, E_out)
+    dx = xp.reshape(dout2 @ wc.mT, tuple(x.shape))           # (..., E_in)    eq. (1.3)
     dw = x2.mT @ dout2                                       # (E_in, E_out)  eq. (1.4)
     db = xp.sum(dout2, axis=0) if has_bias else None         # (E_out,)       eq. (1.5)
 

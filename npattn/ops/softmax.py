@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..backend import check_cache, check_dout, check_float, device, namespace, to_compute
+from ..backend import check_cache, check_dout, check_float, device, exp_, namespace, to_compute
 
 __all__ = ["softmax", "softmax_forward", "softmax_backward", "softmax_jacobian", "SoftmaxCache",
            "log_softmax_forward", "log_softmax_backward", "LogSoftmaxCache"]
@@ -57,7 +57,7 @@ def _stable_softmax(xp, x, axis, *, overwrite: bool = False):
     m = xp.where(m == -xp.inf, xp.zeros_like(m), m)
     if overwrite:
         x -= m                                                # in place: the caller's own scratch
-        e = xp.exp(x)                                         # (..., n)
+        e = exp_(xp, x)                                       # (..., n), over x: no second full-size array
     else:
         e = xp.exp(x - m)                                     # (..., n)
     l = xp.sum(e, axis=axis, keepdims=True)                   # (..., 1)
