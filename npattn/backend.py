@@ -57,6 +57,7 @@ __all__ = [
     "host_index",
     "read_back",
     "exp_",
+    "where_",
     "LIBRARIES",
     "library",
     "move",
@@ -287,6 +288,23 @@ def exp_(xp, x):
     if is_torch_array(x):
         return x.exp_()
     return xp.exp(x)
+
+
+def where_(xp, allowed, x, fill):
+    """``where(allowed, x, fill)`` written over ``x`` where the library can (NumPy, CuPy, torch), else
+    a new array; ``allowed`` broadcasts to ``x``. Masking a score block in place is 4x faster than
+    building a new one (13.1 vs 3.4 ms for a causal (4, 8, 512, 512) block; benchmarks/RESULTS.md,
+    "Close to the machine"). ``x`` must be the caller's own array, not a view of an input."""
+    if isinstance(x, np.ndarray):
+        np.copyto(x, fill, where=np.logical_not(allowed))
+        return x
+    if is_cupy_array(x):
+        cp = importlib.import_module("cupy")
+        cp.copyto(x, fill, where=cp.logical_not(allowed))
+        return x
+    if is_torch_array(x):
+        return x.masked_fill_(xp.logical_not(allowed), fill)
+    return xp.where(allowed, x, fill)
 
 
 def pad_dims(x, ndim: int, xp):

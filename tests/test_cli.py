@@ -99,9 +99,11 @@ def test_bench_layers_suite_rows(monkeypatch, tmp_path, capsys):
     assert all(r["peak_mib"] > 0 for r in memory)
     timed = [r for r in rows if r["bench"] != "mha memory"]
     assert {r["bench"] for r in timed} == {"mha fwd+bwd", "gpt train step"}
+    assert sum(r["setting"].endswith("causal") for r in timed if r["impl"] == "npattn") == 1   # MHA both ways
     for r in timed:
         if r["impl"] == "npattn" and r["vs"] is not None:
-            partner = next(t for t in timed if t["bench"] == r["bench"] and t["impl"] != "npattn")
+            partner = next(t for t in timed if (t["bench"], t["setting"]) == (r["bench"], r["setting"])
+                           and t["impl"] != "npattn")
             assert r["vs"] == pytest.approx(r["median_ms"] / partner["median_ms"])
 
 

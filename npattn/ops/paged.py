@@ -54,6 +54,7 @@ from ..backend import (
     is_array_api_obj,
     namespace,
     to_compute,
+    where_,
 )
 from .scores import causal_offset, make_scores, softcap_backward
 
@@ -170,7 +171,7 @@ class _PageWalk:
             band = j >= self.i + self.lo_b                                  # (B, 1, 1, N, S)
             allowed = band if allowed is None else xp.logical_and(allowed, band)
         if allowed is not None:
-            s5 = xp.where(allowed, s5, self.neg_inf)                        # (B, G, R, N, S)
+            s5 = where_(xp, allowed, s5, self.neg_inf)                      # (B, G, R, N, S), over s5: ours
         shape = (B, G, R * N, S)
         return xp.reshape(s5, shape), None if t is None else xp.reshape(t, shape)   # (B, G, R*N, S)
 

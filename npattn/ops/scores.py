@@ -26,7 +26,7 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
-from ..backend import check_float, check_mask, check_scale, compute_dtype, device, host_index, is_array_api_obj
+from ..backend import check_float, check_mask, check_scale, compute_dtype, device, host_index, is_array_api_obj, where_
 
 __all__ = ["Scores", "make_scores", "causal_offset", "softcap_backward", "mask_grad_block", "sink_rows",
            "sink_grad", "packed_sequences"]
@@ -130,7 +130,7 @@ class Scores(NamedTuple):
                 band = low if band is None else xp.logical_and(band, low)
             allowed = band if allowed is None else xp.logical_and(allowed, band)
         if allowed is not None:
-            s5 = xp.where(allowed, s5, xp.asarray(-xp.inf, dtype=s5.dtype, device=dev))
+            s5 = where_(xp, allowed, s5, xp.asarray(-xp.inf, dtype=s5.dtype, device=dev))   # over s5: ours
         return s5, t
 
 
