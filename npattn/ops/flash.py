@@ -104,10 +104,19 @@ class FlashTile(NamedTuple):
 
 
 def _shares(n_tiles: int, workers: int) -> list:
-    """Split the outer loop's tiles ``0..n_tiles-1`` among workers round robin: share ``w`` gets
-    ``w, w + W, w + 2W, ...``. Fixed, not first-come: which thread adds which dq term, and so every
-    rounding, does not depend on timing. Round robin also evens out causal's unequal tiles."""
-    return [range(w, n_tiles, workers) for w in range(max(1, min(workers, n_tiles)))]
+    """Split the outer loop's tiles ``0..n_tiles-1`` among workers in a snake: round ``r`` hands the
+    tiles ``rW .. rW + W - 1`` to workers ``0 .. W-1``, forward in even rounds and backward in odd
+    ones, so share 0 of 2 gets ``0, 3, 4, 7, 8, ...``. Causal's tiles grow (or shrink) by one key tile
+    per query tile, and the snake gives every share the same total where plain round robin gave
+    share 1 of 2 one tile more per round (72 against 64 of 136 tiles at N=4096, tiles of 256). Fixed,
+    not first-come: which thread adds which dq term, and so every rounding, does not depend on timing."""
+    workers = max(1, min(workers, n_tiles))
+    shares = [[] for _ in range(workers)]
+    for r, start in enumerate(range(0, n_tiles, workers)):
+        tiles = list(range(start, min(start + workers, n_tiles)))
+        for w, i in enumerate(tiles if r % 2 == 0 else tiles[::-1]):
+            shares[w].append(i)
+    return shares
 
 
 class _Tiles:
@@ -295,7 +304,7 @@ def flash_attention_forward(q, k, v, *, mask=None, causal=False, scale=None, sof
                 l_i = xp.exp(m_i - xp.where(m_i == -xp.inf, zero, m_i))     # 1 (0 for a sink of -inf)
                 acc = xp.zeros(tuple(m_i.shape[:-1]) + (Dv,), dtype=zero.dtype, device=device(q))
             for j in t.key_tiles(rows):                                     # the band's tiles only: eq. (13.4)
-                cols = t.cols[j]
+                cols = sc.band_cols(rows, t.cols[j])                        # and only the columns it lets through
                 k_j, v_j = kc[..., cols[0]:cols[1], :], vc[..., cols[0]:cols[1], :]   # (..., G, bk, D|Dv)
                 s, _ = t.scores(q_i @ k_j.mT, rows, cols)                   # (..., G, R*bq, bk)   eq. (4.5)
                 m_tile = xp.max(s, axis=-1, keepdims=True)                  # (..., G, R*bq, 1)
@@ -412,11 +421,12 @@ def flash_attention_backward(dout, cache: FlashCache, *, dlse=None, mask_grad: b
         dq5 = dq5s[w]                                 # this share's partial dq
         dmask = dmasks[min(w, len(dmasks) - 1)] if dmasks else None
         for j in share:
-            cols = t.cols[j]
-            k_j, v_j = kc[..., cols[0]:cols[1], :], vc[..., cols[0]:cols[1], :]  # (..., G, bk, D|Dv)
-            dk_j = dv_j = None
-            for i in t.query_tiles(cols):                                   # the band's tiles only: eq. (13.4)
+            j0, j1 = t.cols[j]
+            dk_j = dv_j = None                                              # (..., G, bk, D|Dv) once a tile is seen
+            for i in t.query_tiles((j0, j1)):                               # the band's tiles only: eq. (13.4)
                 rows = t.rows[i]
+                cols = sc.band_cols(rows, (j0, j1))                         # and only the columns it lets through
+                k_j, v_j = kc[..., cols[0]:cols[1], :], vc[..., cols[0]:cols[1], :]  # (..., G, bk', D|Dv)
                 q_s, dout_l, m_i, delta_l = per_row[i]                     # q_s: alpha q_i; dout_i / l, delta_i / l
                 s, tanh_s = t.scores(q_s @ k_j.mT, rows, cols)              # (..., G, R*bq, bk)
                 s -= m_i                                                    # in place: this step's own array
@@ -435,16 +445,16 @@ def flash_attention_backward(dout, cache: FlashCache, *, dlse=None, mask_grad: b
                 ds = softcap_backward(ds, tanh_s)                           # eq. (13.6)
                 dk_step = ds.mT @ q_s                                       # eq. (5.5); q_s carries the scale
                 dq_step = ds @ k_j                                          # (..., G, R*bq, D)     eq. (5.5)
-                if dk_j is None:                                            # the sums start from the first
-                    dv_j, dk_j = dv_step, dk_step                           # step's own arrays, then add in place
-                else:
-                    dv_j += dv_step                                         # (..., G, bk, Dv)
-                    dk_j += dk_step                                         # (..., G, bk, D)
-                dq_i = dq5[..., rows[0]:rows[1], :]                         # a view: (..., G, R, bq, D)
-                dq_i += t.unsplit(dq_step, rows)                            # summed in place
+                if dk_j is None:
+                    dk_j = xp.zeros(t.lead + (t.G, j1 - j0, D), dtype=ct, device=device(q))
+                    dv_j = xp.zeros(t.lead + (t.G, j1 - j0, vc.shape[-1]), dtype=ct, device=device(q))
+                part = slice(cols[0] - j0, cols[1] - j0)                    # this step's columns of the key tile
+                dv_j[..., part, :] += dv_step                               # (..., G, bk', Dv), summed in place
+                dk_j[..., part, :] += dk_step                               # (..., G, bk', D)
+                dq5[..., rows[0]:rows[1], :] += t.unsplit(dq_step, rows)    # (..., G, R, bq, D), summed in place
             if dk_j is not None:
-                dk[..., cols[0]:cols[1], :] = dk_j
-                dv[..., cols[0]:cols[1], :] = dv_j
+                dk[..., j0:j1, :] = dk_j
+                dv[..., j0:j1, :] = dv_j
 
     run_grid(key_tiles, shares)
     dq5 = dq5s[0]

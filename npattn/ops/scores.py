@@ -74,6 +74,15 @@ class Scores(NamedTuple):
         above = self.lo is not None and j1 - 1 < i0 + self.lo          # the whole tile left of it
         return not (below or above)
 
+    def band_cols(self, rows, cols) -> tuple:
+        """The columns of a visible tile that some row of it may see: ``cols`` cut to
+        ``[i0 + lo, i1 - 1 + hi]``. A causal tile whose query rows end halfway through its keys
+        computes only the keys up to the last row's diagonal (eq. (13.4), column by column)."""
+        (i0, i1), (j0, j1) = rows, cols
+        c0 = j0 if self.lo is None else max(j0, i0 + self.lo)
+        c1 = j1 if self.hi is None else min(j1, i1 + self.hi)
+        return c0, c1
+
     def covered(self, rows, cols) -> bool:
         """Every (i, j) of the tile is inside the band: no band mask is needed."""
         (i0, i1), (j0, j1) = rows, cols
