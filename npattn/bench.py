@@ -38,7 +38,7 @@ from .ops import attention_backward, attention_forward, flash_attention_backward
 from .ops.flash import default_tiling
 
 __all__ = ["BenchConfig", "run_bench", "format_table", "gemm_rate", "blas_share", "LayersConfig", "run_layers_bench", "BeyondConfig",
-           "run_beyond_bench", "machine"]
+           "run_beyond_bench", "MachineConfig", "run_machine_bench", "machine"]
 
 @dataclass
 class BenchConfig:
@@ -655,4 +655,110 @@ def run_beyond_bench(cfg: BeyondConfig, progress=None) -> list[dict]:
         first = first or t["median_ms"]
         peak = _peak_bytes(run) / 2**20 if cfg.memory else None
         emit("linear causal", f"H={h} D={d} N={n}", "linear", t, t["median_ms"] / first, peak)
+    return rows
+
+
+# ``npattn bench --suite machine``: how close npattn gets to the machine and to torch, at every level
+# (op, layer, model); each target's rows timed interleaved in one run. ``--suite model``: its GPT row.
+
+@dataclass
+class MachineConfig:
+    """The settings of the targets in benchmarks/RESULTS.md, "Close to the machine" (float32, every
+    function called with its defaults)."""
+
+    op: tuple = (1, 8, 4096, 64)              # B, H, N, D: tiled vs torch fused, vs naive; causal vs not
+    math: tuple = (1, 8, 2048, 64)            # B, H, N, D: naive vs torch's MATH backend
+    mha: tuple = (4, 512, 512, 8)             # B, N, E, H: MultiHeadAttention vs torch's, causal
+    gpt: tuple = (4, 256, 4, 512, 8, 128)     # L, E, H, V, B, N: one training step vs Hugging Face GPT-2
+    peak: tuple = (1, 4, 8192, 64)            # B, H, N, D: peak memory, tiled vs naive fwd+bwd
+    parts: tuple = ("op", "math", "mha", "gpt", "gemm", "memory")
+    repeats: int = 5
+    memory: bool = True
+    seed: int = 0
+
+
+def _interleaved_many(runs: list, repeats: int) -> list:
+    """Several runs timed in turn, ``repeats`` rounds after one warm-up each: a slow spell of a shared
+    machine hits them all."""
+    for run in runs:
+        run()
+    times = [[] for _ in runs]
+    for _ in range(repeats):
+        for run, out in zip(runs, times):
+            t0 = time.perf_counter()
+            run()
+            out.append((time.perf_counter() - t0) * 1e3)
+    return [dict(median_ms=statistics.median(t), min_ms=min(t), max_ms=max(t)) for t in times]
+
+
+def _attention_runner(impl, q, k, v, dout, causal=False):
+    """fwd+bwd of one implementation with its default arguments: ``naive``, ``tiled`` (npattn) or
+    ``torch`` (fused SDPA), ``torch-math`` (SDPA's MATH backend)."""
+    if impl.startswith("torch"):
+        return _torch_runner(impl, q, k, v, dout, causal, "fwd+bwd")
+    return _numpy_runner(impl, q, k, v, dout, causal, "fwd+bwd", None, None)
+
+
+def run_machine_bench(cfg: MachineConfig, progress=None) -> list[dict]:
+    """Each target as a pair of rows, npattn's first with ``vs`` = its median over the second's; the
+    torch rows are left out when torch is not installed (and the GPT row when transformers is not)."""
+    rows = []
+    have_torch = torch_available()
+
+    def emit(bench, setting, impl, timing, vs, peak=None):
+        row = dict(bench=bench, setting=setting, impl=impl, vs=vs, peak_mib=peak, **timing)
+        rows.append(row)
+        if progress:
+            progress(row)
+
+    def pair(bench, setting, mine, theirs):
+        (name, t), (their_name, u) = mine, theirs
+        emit(bench, setting, name, t, t["median_ms"] / u["median_ms"])
+        emit(bench, setting, their_name, u, 1.0)
+
+    def inputs(b, h, n, d):
+        rng = np.random.default_rng(cfg.seed)
+        return [rng.standard_normal((b, h, n, d)).astype(np.float32) for _ in range(4)]
+
+    if "op" in cfg.parts:
+        b, h, n, d = cfg.op
+        args, setting = inputs(b, h, n, d), f"B={b} H={h} N={n} D={d}"
+        names = ["tiled", "naive", "tiled causal"] + (["torch"] if have_torch else [])
+        runs = [_attention_runner(x.split()[0], *args, causal=x.endswith("causal")) for x in names]
+        timing = dict(zip(names, _interleaved_many(runs, cfg.repeats)))
+        if have_torch:
+            pair("tiled/torch", setting, ("tiled", timing["tiled"]), ("torch fused", timing["torch"]))
+        pair("tiled/naive", setting, ("tiled", timing["tiled"]), ("naive", timing["naive"]))
+        pair("causal/non", setting, ("tiled causal", timing["tiled causal"]), ("tiled", timing["tiled"]))
+        if "gemm" in cfg.parts:                       # the tiled loop's matmul work against the machine's gemm
+            rate = gemm_rate("float32", repeats=cfg.repeats)
+            flops = 14.0 * n * n * d * b * h          # 4 N M D forward + 10 N M D backward (recomputed q k^T)
+            share = flops / (timing["tiled"]["median_ms"] * 1e-3) / 1e9 / rate
+            gemm_ms = 2.0 * 2048**3 / rate / 1e6
+            emit("tiled/sgemm", setting, "tiled", timing["tiled"], share)
+            emit("tiled/sgemm", "2048 x 2048, every core", "sgemm", dict(median_ms=gemm_ms, min_ms=gemm_ms,
+                                                                          max_ms=gemm_ms), 1.0)
+    if "math" in cfg.parts and have_torch:
+        b, h, n, d = cfg.math
+        args = inputs(b, h, n, d)
+        mine, theirs = _interleaved_many([_attention_runner("naive", *args), _attention_runner("torch-math", *args)],
+                                         cfg.repeats)
+        pair("naive/math", f"B={b} H={h} N={n} D={d}", ("naive", mine), ("torch MATH", theirs))
+    if "mha" in cfg.parts and have_torch:
+        b, n, e, h = cfg.mha
+        ours, theirs = _mha_runners(b, n, e, h, cfg.seed, causal=True)
+        mine, other = _interleaved_many([ours("naive"), theirs()], cfg.repeats)
+        pair("mha/torch", f"B={b} N={n} E={e} H={h} causal", ("npattn MHA", mine), ("torch MHA", other))
+    if "gpt" in cfg.parts and have_torch and transformers_available():
+        L, e, h, v, b, n = cfg.gpt
+        ours, theirs = _gpt_runners(L, e, h, v, b, n, cfg.seed)
+        mine, other = _interleaved_many([ours(), theirs()], cfg.repeats)
+        pair("gpt/HF", f"L={L} E={e} H={h} V={v} B={b} N={n}", ("npattn GPT", mine), ("HF GPT-2", other))
+    if "memory" in cfg.parts and cfg.memory:
+        b, h, n, d = cfg.peak
+        args = inputs(b, h, n, d)
+        peaks = {impl: _peak_bytes(_attention_runner(impl, *args)) / 2**20 for impl in ("tiled", "naive")}
+        none = dict(median_ms=None, min_ms=None, max_ms=None)
+        emit("memory t/n", f"B={b} H={h} N={n} D={d}", "tiled", none, peaks["tiled"] / peaks["naive"], peaks["tiled"])
+        emit("memory t/n", f"B={b} H={h} N={n} D={d}", "naive", none, 1.0, peaks["naive"])
     return rows

@@ -67,6 +67,8 @@ def bench(args) -> int:
         return bench_layers(args)
     if args.suite == "beyond":
         return bench_beyond(args)
+    if args.suite in ("machine", "model"):
+        return bench_machine(args)
 
     cfg = BenchConfig(lengths=args.n, dtypes=args.dtype, causal=args.causal, passes=args.passes,
                       impls=args.impl, batch=args.batch, heads=args.heads, dim=args.dim,
@@ -164,6 +166,17 @@ def bench_beyond(args) -> int:
     return _side_by_side_suite(args, cfg, run_beyond_bench, f"npattn bench --suite beyond: float32, fwd+bwd, median "
                                f"of {cfg.repeats}; ratio = row / the bench's first row; peak = NumPy allocations above "
                                f"the inputs")
+
+
+def bench_machine(args) -> int:
+    from .bench import MachineConfig, run_machine_bench
+
+    parts = MachineConfig.parts if args.suite == "machine" else ("gpt",)
+    cfg = MachineConfig(repeats=args.repeats, memory=not args.no_memory, seed=args.seed, parts=parts)
+    return _side_by_side_suite(args, cfg, run_machine_bench, f"npattn bench --suite {args.suite}: float32, fwd+bwd, "
+                               f"default arguments, median of {cfg.repeats}, each pair interleaved; ratio = row / "
+                               f"the pair's second row (tiled/sgemm: the share of the gemm rate, counting 14 N M D "
+                               f"per head; memory: peak NumPy allocations)")
 
 
 def _side_by_side_suite(args, cfg, run, title: str) -> int:
@@ -288,9 +301,10 @@ def _parser() -> argparse.ArgumentParser:
     truth.__name__ = "yes/no"
 
     b = sub.add_parser("bench", help="time and peak memory of naive vs tiled attention (or of the layers)")
-    b.add_argument("--suite", choices=["attention", "layers", "beyond"], default="attention",
+    b.add_argument("--suite", choices=["attention", "layers", "beyond", "machine", "model"], default="attention",
                    help="attention: the ops (default); layers: MHA, flash-layer memory, a GPT training step vs "
-                        "torch; beyond: packed, sinks, paged decoding, linear attention")
+                        "torch; beyond: packed, sinks, paged decoding, linear attention; machine: the op, layer "
+                        "and model against torch and the gemm rate; model: its GPT training step only")
     b.add_argument("--n", type=positive, nargs="+", default=d.lengths, help="sequence lengths N = M")
     b.add_argument("--dtype", nargs="+", default=d.dtypes, choices=["float32", "float64"])
     b.add_argument("--causal", type=truth, nargs="+", default=d.causal, help="yes and/or no")

@@ -24,7 +24,7 @@ Forward for query tile i (derivations/04-online-softmax.md):
     o_i = acc / l_i,  lse_i = m_i + log(l_i)             eq. (4.10)
 Backward (derivations/05-flash-backward.md):
     delta = rowsum(dout * o) - dlse                       eqs. (5.3), (5.6)
-    dout, delta = dout / l, delta / l                     eq. (5.8): 1/l folded in once, per row
+    delta = delta / l; per step, dout_i / l_i           eq. (5.8): 1/l folded into the small operands
     for each key tile j, for each query tile i that can see it:
         p    = exp(scores(q_i, k_j) - m_i)                eq. (5.4) times l_i (= l_i exp(s - lse_i), without lse's rounding)
         dv_j += p^T dout_i                                eqs. (5.5), (5.8)
@@ -398,12 +398,12 @@ def flash_attention_backward(dout, cache: FlashCache, *, dlse=None, mask_grad: b
         delta = delta - xp.astype(dlse, ct)[..., None]
     # eq. (5.4) as exp(s - m) / l with the forward's own m and 1/l: the same p, without lse = m + log l,
     # which loses |m| eps in float32 at large scores; a row that saw no key has m = 0 and 1/l = 0: p = 0
-    # eq. (5.8): 1/l folded into dout and delta once per row, O(N Dv), so the loop uses p~ = l p = exp(s - m)
-    # and never rescales a tile; and q scaled once, elementwise as the forward's tiles, so s is bitwise its s
+    # eq. (5.8): 1/l folded into delta here and into each dout tile (bq x Dv) in the loop, so the loop
+    # uses p~ = l p = exp(s - m) and never rescales a bq x bk tile
     inv_l = cache.inv_l[..., None]                                          # (..., H, N, 1)
-    q5, dout5, delta5, shift5 = (t.grouped(a) for a in (qc * scale, dout_c * inv_l, delta * inv_l,
-                                                         cache.shift[..., None]))   # (..., G, R, N, C)
-    per_row = [tuple(t.split(a, rows) for a in (q5, dout5, shift5, delta5))
+    q5, dout5, delta5, shift5, inv_l5 = (t.grouped(a) for a in (qc, dout_c, delta * inv_l, cache.shift[..., None],
+                                                                inv_l))     # (..., G, R, N, C)
+    per_row = [tuple(t.split(a, rows) for a in (q5, dout5, shift5, delta5, inv_l5))
                for rows in t.rows]                    # q-side tiles, sliced once (views when R == 1)
 
     # outputs written tile by tile; rows and keys no tile reaches keep their gradient 0
@@ -427,7 +427,9 @@ def flash_attention_backward(dout, cache: FlashCache, *, dlse=None, mask_grad: b
                 rows = t.rows[i]
                 cols = sc.band_cols(rows, (j0, j1))                         # and only the columns it lets through
                 k_j, v_j = kc[..., cols[0]:cols[1], :], vc[..., cols[0]:cols[1], :]  # (..., G, bk', D|Dv)
-                q_s, dout_l, m_i, delta_l = per_row[i]                     # q_s: alpha q_i; dout_i / l, delta_i / l
+                q_i, dout_i, m_i, delta_l, inv_l_i = per_row[i]            # delta_l: delta_i / l
+                q_s = q_i * scale                                           # the forward's scaled tile, bitwise
+                dout_l = dout_i * inv_l_i                                   # eq. (5.8): dout_i / l, bq x Dv
                 s, tanh_s = t.scores(q_s @ k_j.mT, rows, cols)              # (..., G, R*bq, bk)
                 s -= m_i                                                    # in place: this step's own array
                 p = exp_(xp, s)                                             # eq. (5.8): p~ = exp(s - m) = l p, over s
