@@ -154,12 +154,12 @@ class _Split(NamedTuple):
         if a is None or a.shape[self.axis] == 1:
             return a
         u0, u1 = self.ranges[w]
-        return a[(slice(None),) * self.axis + (slice(u0 * self.r, u1 * self.r),)]
+        return a[(slice(None),) * self.axis + (slice(u0 * self.r, u1 * self.r), Ellipsis)]
 
     def kv_side(self, a, w):
         """Share ``w`` of a kv-side array (k, v, dk, dv)."""
         u0, u1 = self.ranges[w]
-        return a[(slice(None),) * self.axis + (slice(u0, u1),)]
+        return a[(slice(None),) * self.axis + (slice(u0, u1), Ellipsis)]
 
     def scores(self, sc: Scores, w) -> Scores:
         """The score pipeline of share ``w``: its mask and ALiBi slopes, and its kv groups."""
@@ -190,7 +190,7 @@ class _Split(NamedTuple):
     def index(self, w, r=None):
         u0, u1 = self.ranges[w]
         r = self.r if r is None else r
-        return (slice(None),) * self.axis + (slice(u0 * r, u1 * r),)
+        return (slice(None),) * self.axis + (slice(u0 * r, u1 * r), Ellipsis)   # whole: the array API wants every axis
 
 
 # Below this many score entries (B*H*N*M) threads cost more than they save (measured in

@@ -57,7 +57,7 @@ from ..backend import (
     run_grid,
     to_compute,
 )
-from .attention import _check_mask_grad, _concat_rows, _join_packed, check_qkv
+from .attention import _check_mask_grad, _concat_rows, _join_packed, _split, check_qkv
 from .scores import Scores, make_scores, mask_grad_block, packed_sequences, sink_grad, sink_rows, softcap_backward
 
 __all__ = ["flash_attention_forward", "flash_attention_backward", "FlashCache", "FlashTile"]
@@ -238,9 +238,11 @@ def flash_attention_forward(q, k, v, *, mask=None, causal=False, scale=None, sof
         threads, key tiles in order within a query tile, query tiles interleaved. With packed
         sequences the tiles are each sequence's own, so ``i`` and ``j`` restart at 0 per sequence.
     workers : int >= 1 or None
-        Threads for the outer loop, as FlashAttention-2 spreads query tiles over thread blocks
-        (derivations/14-parallel-tiles.md, eq. (14.1)); each query tile is still computed exactly
-        as with 1 worker, so ``o`` and ``lse`` are bitwise the same. More than 1 needs
+        Threads. With at least ``workers`` independent slices (batch entries, kv groups), each
+        thread runs the whole loop on its own slices (derivations/14-parallel-tiles.md, eq. (14.3));
+        with fewer (one head), the query tiles are shared, as FlashAttention-2 spreads them over
+        thread blocks (eq. (14.1)), and ``on_tile`` always shares tiles. Either way each query tile
+        is computed exactly as with 1 worker, so ``o`` and ``lse`` are bitwise the same. More than 1 needs
         threadpoolctl (BLAS runs single-threaded meanwhile) and host arrays. None: the cores, capped so each worker gets two query tiles
         (``default_tiling``). Also the backward's default.
 
@@ -284,15 +286,37 @@ def flash_attention_forward(q, k, v, *, mask=None, causal=False, scale=None, sof
         return o[0, ...], cache._replace(q=q, k=k, v=v, o=o[0, ...], lse=cache.lse[0, ...],
                                          shift=cache.shift[0, ...], inv_l=cache.inv_l[0, ...])
     sc = make_scores(xp, q, k, mask=mask, G=G, R=R, **variants)
-    scale, mask, Dv = sc.scale, sc.mask, v.shape[-1]
+    ct, Dv = compute_dtype(xp, q.dtype), v.shape[-1]
+    # the outputs in the grouped layout (..., G, R, N, C), written tile by tile; rows that see no key keep o = 0
+    out5 = tuple(xp.zeros(sc.lead + (G, R, q.shape[-2], c), dtype=ct, device=device(q)) for c in (Dv, 1, 1, 1))
+    split = None if on_tile is not None else _split(q, k, workers)
+    if split is None:                                 # the tile loop, its query tiles shared by the workers
+        _forward_loop(xp, q, k, v, sc, block_q, block_k, on_tile, workers, out5, (Ellipsis,))
+    else:                                             # each worker one slice of batch or kv groups: eq. (14.3)
+        run_grid(lambda w, _: _forward_loop(xp, split.q_side(q, w), split.kv_side(k, w), split.kv_side(v, w),
+                                            split.scores(sc, w), block_q, block_k, None, 1, out5,
+                                            split.index(w, 1)), split.ranges)
+    o = xp.astype(xp.reshape(out5[0], tuple(q.shape[:-1]) + (Dv,)), q.dtype, copy=False)   # (..., H, N, Dv)
+    lse, shift, inv_l = (xp.reshape(a, tuple(q.shape[:-1])) for a in out5[1:])             # (..., H, N)
+    return o, FlashCache(q=q, k=k, v=v, o=o, lse=lse, mask=sc.mask, causal=causal, scale=sc.scale,
+                         block_q=block_q, block_k=block_k, workers=workers, sc=sc, shift=shift, inv_l=inv_l)
+
+
+def _forward_loop(xp, q, k, v, sc: Scores, block_q, block_k, on_tile, workers, out5, at) -> None:
+    """The forward's tile loop over ``q (..., H, N, D)`` and its keys, its query tiles shared by
+    ``workers`` threads (eq. (14.1)). Writes ``o``, ``lse``, ``shift`` (m) and ``inv_l`` (1/l) into
+    ``out5``, the full outputs in the grouped layout ``(..., G, R, N, Dv|1)``, at ``at``: the index
+    of this slice of batch or kv groups (eq. (14.3)), or ``(...,)`` for all of them."""
+    scale, Dv = sc.scale, v.shape[-1]
     t = _Tiles(xp, q, k, sc, block_q, block_k)
     qc = to_compute(xp, q)
     kc, vc = to_compute(xp, k), to_compute(xp, v)
     zero = xp.zeros_like(t.neg_inf)
     q5 = t.grouped(qc)                                                      # (..., G, R, N, D)
+    o5, lse5, shift5, inv_l5 = out5                                         # (..., G, R, N, Dv|1)
 
-    o5, lse5 = t.zeros5(Dv, zero.dtype), t.zeros5(1, zero.dtype)          # (..., G, R, N, Dv|1)
-    shift5, inv_l5 = t.zeros5(1, zero.dtype), t.zeros5(1, zero.dtype)    # (..., G, R, N, 1): m and 1/l
+    def rows_of(rows):                                # this slice's rows i0:i1 of an output
+        return at + (slice(rows[0], rows[1]), slice(None))
 
     def query_tiles(w, share):                        # query tiles are independent: eq. (14.1)
         for i in share:
@@ -325,22 +349,19 @@ def flash_attention_forward(q, k, v, *, mask=None, causal=False, scale=None, sof
                     on_tile(FlashTile(i, j, *(xp.asarray(t.heads(x, rows), copy=True)   # copies: the
                                               for x in (m_i, l_i, alpha))))                # loop's state is not the callback's
             if m_i is None:                                                 # the band hid every key tile:
-                lse5[..., rows[0]:rows[1], :] = t.neg_inf                   # o stays 0, lse = -inf
+                lse5[rows_of(rows)] = t.neg_inf                             # o stays 0, lse = -inf
                 continue
             # eq. (4.10); l_i == 0 exactly when the row saw no key: o = 0, lse = -inf
             empty = l_i == 0
             safe_l = xp.where(empty, xp.ones_like(l_i), l_i)
             inv_l = xp.where(empty, zero, 1.0 / safe_l)
-            o5[..., rows[0]:rows[1], :] = t.unsplit(acc * inv_l, rows)
-            lse5[..., rows[0]:rows[1], :] = t.unsplit(xp.where(empty, t.neg_inf, m_i + xp.log(safe_l)), rows)
-            shift5[..., rows[0]:rows[1], :] = t.unsplit(xp.where(m_i == -xp.inf, zero, m_i), rows)
-            inv_l5[..., rows[0]:rows[1], :] = t.unsplit(inv_l, rows)
+            acc *= inv_l                                                    # in place: our own array
+            o5[rows_of(rows)] = t.unsplit(acc, rows)
+            lse5[rows_of(rows)] = t.unsplit(xp.where(empty, t.neg_inf, m_i + xp.log(safe_l)), rows)
+            shift5[rows_of(rows)] = t.unsplit(xp.where(m_i == -xp.inf, zero, m_i), rows)
+            inv_l5[rows_of(rows)] = t.unsplit(inv_l, rows)
 
     run_grid(query_tiles, _shares(len(t.rows), workers))
-    o = xp.astype(xp.reshape(o5, tuple(q.shape[:-1]) + (Dv,)), q.dtype, copy=False)   # (..., H, N, Dv)
-    lse, shift, inv_l = (xp.reshape(a, tuple(q.shape[:-1])) for a in (lse5, shift5, inv_l5))   # (..., H, N)
-    return o, FlashCache(q=q, k=k, v=v, o=o, lse=lse, mask=mask, causal=causal, scale=scale,
-                         block_q=block_q, block_k=block_k, workers=workers, sc=sc, shift=shift, inv_l=inv_l)
 
 
 def flash_attention_backward(dout, cache: FlashCache, *, dlse=None, mask_grad: bool = False,
@@ -358,10 +379,12 @@ def flash_attention_backward(dout, cache: FlashCache, *, dlse=None, mask_grad: b
         Gradient flowing into ``cache.lse`` (e.g. from a loss that uses the log-partition);
         handled exactly: it shifts ``delta`` by ``-dlse`` (derivations/05-flash-backward.md, eq. (5.6)).
     workers : int >= 1, optional
-        Threads for the outer (key tile) loop, as FlashAttention-2 spreads key tiles over thread
-        blocks; each share of key tiles adds into its own dq, and the shares are summed in a fixed
-        order (derivations/14-parallel-tiles.md, eq. (14.2)), so results do not depend on timing.
-        Defaults to the forward's ``workers``.
+        Threads. With at least ``workers`` independent slices (batch entries, kv groups), each
+        thread runs the whole loop on its own slices (derivations/14-parallel-tiles.md, eq. (14.3)):
+        every gradient is bitwise the one-worker result. With fewer, the outer (key tile) loop is
+        shared, as FlashAttention-2 spreads key tiles over thread blocks; each share of key tiles
+        adds into its own dq, and the shares are summed in a fixed order (eq. (14.2)), so results do
+        not depend on timing. Defaults to the forward's ``workers``.
 
     Derivation: derivations/05-flash-backward.md, eq. (5.1) (p from the forward's statistics),
     eqs. (5.2)-(5.3) (chapter 3's backward, and delta = rowsum(dout * o)), eqs. (5.4)-(5.6) (the
@@ -369,7 +392,7 @@ def flash_attention_backward(dout, cache: FlashCache, *, dlse=None, mask_grad: b
     """
     check_cache(cache, FlashCache, "flash_attention_forward")
     q, k, v, o, lse, sc = cache.q, cache.k, cache.v, cache.o, cache.lse, cache.sc
-    scale, block_q, block_k = cache.scale, cache.block_q, cache.block_k
+    block_q, block_k = cache.block_q, cache.block_k
     xp = namespace(dout=dout, q=q, dlse=dlse)
     workers = check_workers(q, cache.workers if workers is None else workers)
     check_dout(xp, dout, o.shape, o.dtype)
@@ -386,31 +409,71 @@ def flash_attention_backward(dout, cache: FlashCache, *, dlse=None, mask_grad: b
         grads = flash_attention_backward(dout[None, ...], inner, dlse=None if dlse is None else dlse[None, ...],
                                          mask_grad=mask_grad, workers=workers)
         return tuple(a[0, ...] for a in grads[:3]) + tuple(grads[3:])       # dmask, dsinks: in their own shapes
-    D = q.shape[-1]
-    t = _Tiles(xp, q, k, sc, block_q, block_k)
     ct = compute_dtype(xp, q.dtype)
-    qc = to_compute(xp, q)
-    kc, vc, dout_c = to_compute(xp, k), to_compute(xp, v), to_compute(xp, dout)
-
+    dout_c = to_compute(xp, dout)
     # eq. (5.3): delta = rowsum(dout * o) = rowsum(p * dp), O(N Dv) instead of O(N M); eq. (5.6): - dlse
     delta = xp.vecdot(dout_c, to_compute(xp, o))[..., None]                # (..., H, N, 1)
     if dlse is not None:
         delta = delta - xp.astype(dlse, ct)[..., None]
+    # outputs written tile by tile; rows and keys no tile reaches keep their gradient 0. dq in the
+    # grouped layout (..., G, R, N, D) (its reshape to (..., H, N, D) is free)
+    dq5 = xp.zeros(sc.lead + (sc.G, sc.R, q.shape[-2], q.shape[-1]), dtype=ct, device=device(q))
+    dk, dv = (xp.zeros(tuple(a.shape), dtype=ct, device=device(q)) for a in (k, v))   # (..., G, M, D|Dv)
+    split = _split(q, k, workers)
+    if split is None:                                 # the tile loop, its key tiles shared by the workers
+        dmask = _backward_loop(xp, q, k, v, dout_c, delta, cache.shift, cache.inv_l, sc, block_q, block_k,
+                               workers, want_dmask, (dq5, dk, dv), (Ellipsis,))
+    else:                                             # each worker one slice of batch or kv groups: eq. (14.3)
+        dmask_parts = [None] * len(split.ranges)
+
+        def share(w, _):
+            dmask_parts[w] = _backward_loop(
+                xp, split.q_side(q, w), split.kv_side(k, w), split.kv_side(v, w),
+                *(split.q_side(a, w) for a in (dout_c, delta, cache.shift, cache.inv_l)),
+                split.scores(sc, w), block_q, block_k, 1, want_dmask, (dq5, dk, dv), split.index(w, 1))
+
+        run_grid(share, split.ranges)
+        dmask = split.join_mask(xp, sc.mask, dmask_parts) if want_dmask else None
+    dq = xp.reshape(dq5, tuple(q.shape))                                    # (..., H, N, D)
+    dt = q.dtype
+    grads = tuple(xp.astype(a, dt, copy=False) for a in (dq, dk, dv))
+    if want_dmask:
+        grads += (xp.astype(xp.reshape(dmask, sc.mask_shape), dt, copy=False),)
+    if sc.sinks is not None:
+        # eqs. (15.3)-(15.4): the sink has no value, so its logit gets p_sink * (dlse - rowsum(dout * o))
+        # = -p_sink * delta, with p_sink = exp(sink - m) / l from the forward's statistics: O(N)
+        sink = xp.reshape(xp.broadcast_to(sc.sinks, sc.lead + (sc.G, sc.R, q.shape[-2], 1)),
+                          tuple(q.shape[:-1]))                               # (..., H, N)
+        p_sink = xp.exp(sink - cache.shift) * cache.inv_l                    # (..., H, N)
+        grads += (xp.astype(sink_grad(xp, sc, -p_sink * delta[..., 0]), dt, copy=False),)
+    return grads
+
+
+def _backward_loop(xp, q, k, v, dout_c, delta, shift, inv_l, sc: Scores, block_q, block_k, workers,
+                   want_dmask, out, at):
+    """The backward's tile loop, its key tiles shared by ``workers`` threads (eq. (14.2)), from
+    ``delta (..., H, N, 1)`` and the forward's row statistics ``shift``, ``inv_l (..., H, N)``.
+    Writes ``dq`` (grouped, ``(..., G, R, N, D)``), ``dk`` and ``dv`` into ``out``, the full
+    gradients, at ``at``: the index of this slice of batch or kv groups (eq. (14.3)), or ``(...,)``.
+    Returns ``dmask`` in this slice's padded mask shape (None without ``want_dmask``)."""
+    dq_out, dk, dv = out
+    scale, D = sc.scale, q.shape[-1]
+    t = _Tiles(xp, q, k, sc, block_q, block_k)
+    ct = compute_dtype(xp, q.dtype)
+    qc, kc, vc = to_compute(xp, q), to_compute(xp, k), to_compute(xp, v)
     # eq. (5.4) as exp(s - m) / l with the forward's own m and 1/l: the same p, without lse = m + log l,
     # which loses |m| eps in float32 at large scores; a row that saw no key has m = 0 and 1/l = 0: p = 0
     # eq. (5.8): 1/l folded into delta here and into each dout tile (bq x Dv) in the loop, so the loop
     # uses p~ = l p = exp(s - m) and never rescales a bq x bk tile
-    inv_l = cache.inv_l[..., None]                                          # (..., H, N, 1)
-    q5, dout5, delta5, shift5, inv_l5 = (t.grouped(a) for a in (qc, dout_c, delta * inv_l, cache.shift[..., None],
+    inv_l = inv_l[..., None]                                                # (..., H, N, 1)
+    q5, dout5, delta5, shift5, inv_l5 = (t.grouped(a) for a in (qc, dout_c, delta * inv_l, shift[..., None],
                                                                 inv_l))     # (..., G, R, N, C)
     per_row = [tuple(t.split(a, rows) for a in (q5, dout5, shift5, delta5, inv_l5))
                for rows in t.rows]                    # q-side tiles, sliced once (views when R == 1)
 
-    # outputs written tile by tile; rows and keys no tile reaches keep their gradient 0
     shares = _shares(len(t.cols), workers)
-    dq5s = [t.zeros5(D, ct) for _ in shares]                               # (..., G, R, N, D) per share
-    dk = xp.zeros(tuple(k.shape), dtype=ct, device=device(q))               # (..., G, M, D)
-    dv = xp.zeros(tuple(v.shape), dtype=ct, device=device(q))               # (..., G, M, Dv)
+    # dq: the output itself for one share, else one partial per share beyond the first (eq. (14.2))
+    dq5s = [None] + [t.zeros5(D, ct) for _ in shares[1:]]                  # (..., G, R, N, D)
     # dmask in the padded mask's shape: one array shared by the workers when the mask has a key axis
     # (each worker owns its key tiles' columns), one per worker when the mask is broadcast along keys
     # (then it is at most (..., N, 1), and the partials are summed in a fixed order like dq's)
@@ -418,7 +481,7 @@ def flash_attention_backward(dout, cache: FlashCache, *, dlse=None, mask_grad: b
     dmasks = [xp.zeros(tuple(sc.mask.shape), dtype=ct, device=device(q)) for _ in range(n_dmask)]
 
     def key_tiles(w, share):                          # key tiles own dk_j, dv_j; dq is shared: eq. (14.2)
-        dq5 = dq5s[w]                                 # this share's partial dq
+        dq5, where = (dq_out, at) if w == 0 else (dq5s[w], (Ellipsis,))   # this share's dq, and its slice
         dmask = dmasks[min(w, len(dmasks) - 1)] if dmasks else None
         for j in share:
             j0, j1 = t.cols[j]
@@ -453,29 +516,18 @@ def flash_attention_backward(dout, cache: FlashCache, *, dlse=None, mask_grad: b
                 part = slice(cols[0] - j0, cols[1] - j0)                    # this step's columns of the key tile
                 dv_j[..., part, :] += dv_step                               # (..., G, bk', Dv), summed in place
                 dk_j[..., part, :] += dk_step                               # (..., G, bk', D)
-                dq5[..., rows[0]:rows[1], :] += t.unsplit(dq_step, rows)    # (..., G, R, bq, D), summed in place
+                dq5[where + (slice(rows[0], rows[1]), slice(None))] += t.unsplit(dq_step, rows)   # (..., G, R, bq, D)
             if dk_j is not None:
-                dk[..., j0:j1, :] = dk_j
-                dv[..., j0:j1, :] = dv_j
+                dk[at + (slice(j0, j1), slice(None))] = dk_j
+                dv[at + (slice(j0, j1), slice(None))] = dv_j
 
     run_grid(key_tiles, shares)
-    dq5 = dq5s[0]
     for part in dq5s[1:]:                             # eq. (14.2): the shares' dq, summed in a fixed order
-        dq5 += part                                   # in place: our own buffer, no N x D temporary
-    dq5 *= scale                                      # eq. (5.5): dq = scale * sum of ds k_j
-    dq = xp.reshape(dq5, tuple(q.shape))                                    # (..., H, N, D)
-    dt = q.dtype
-    grads = tuple(xp.astype(a, dt, copy=False) for a in (dq, dk, dv))
-    if want_dmask:
-        total = dmasks[0]
-        for part in dmasks[1:]:                       # per-worker partials, in a fixed order
-            total += part
-        grads += (xp.astype(xp.reshape(total, sc.mask_shape), dt, copy=False),)
-    if sc.sinks is not None:
-        # eqs. (15.3)-(15.4): the sink has no value, so its logit gets p_sink * (dlse - rowsum(dout * o))
-        # = -p_sink * delta, with p_sink = exp(sink - m) / l from the forward's statistics: O(N)
-        sink = xp.reshape(xp.broadcast_to(sc.sinks, sc.lead + (sc.G, sc.R, q.shape[-2], 1)),
-                          tuple(q.shape[:-1]))                               # (..., H, N)
-        p_sink = xp.exp(sink - cache.shift) * cache.inv_l                    # (..., H, N)
-        grads += (xp.astype(sink_grad(xp, sc, -p_sink * delta[..., 0]), dt, copy=False),)
-    return grads
+        dq_out[at] += part                            # in place into the output: no N x D temporary
+    dq_out[at] *= scale                               # eq. (5.5): dq = scale * sum of ds k_j
+    if not want_dmask:
+        return None
+    total = dmasks[0]
+    for part in dmasks[1:]:                           # per-worker partials, in a fixed order
+        total += part
+    return total
