@@ -171,8 +171,8 @@ def bench_beyond(args) -> int:
 def bench_machine(args) -> int:
     from .bench import MachineConfig, run_machine_bench
 
-    parts = MachineConfig.parts if args.suite == "machine" else ("gpt",)
-    cfg = MachineConfig(repeats=args.repeats, memory=not args.no_memory, seed=args.seed, parts=parts)
+    only = {} if args.suite == "machine" else dict(parts=("gpt",))
+    cfg = MachineConfig(repeats=args.repeats, memory=not args.no_memory, seed=args.seed, **only)
     return _side_by_side_suite(args, cfg, run_machine_bench, f"npattn bench --suite {args.suite}: float32, fwd+bwd, "
                                f"default arguments, median of {cfg.repeats}, each pair interleaved; ratio = row / "
                                f"the pair's second row (tiled/sgemm: the share of the gemm rate, counting 14 N M D "

@@ -107,6 +107,37 @@ def test_bench_layers_suite_rows(monkeypatch, tmp_path, capsys):
             assert r["vs"] == pytest.approx(r["median_ms"] / partner["median_ms"])
 
 
+def test_bench_machine_suite_rows(monkeypatch, tmp_path, capsys):
+    """The machine suite on tiny shapes: every target is a pair of rows whose ratio is the first's
+    median over the second's; the gemm share and the memory ratio come out in (0, 1)."""
+    import functools
+
+    import npattn.bench
+
+    small = functools.partial(npattn.bench.MachineConfig, op=(1, 2, 64, 8), math=(1, 2, 32, 8), mha=(1, 8, 8, 2),
+                              gpt=(1, 8, 2, 11, 2, 6), peak=(1, 2, 512, 8))
+    monkeypatch.setattr(npattn.bench, "MachineConfig", small)
+    path = tmp_path / "machine.json"
+    assert main(["bench", "--suite", "machine", "--repeats", "1", "--json", str(path)]) == 0
+    assert "CPU " in capsys.readouterr().out
+    rows = json.loads(path.read_text())["rows"]
+    benches = [r["bench"] for r in rows]
+    want = {"tiled/naive", "causal/non", "tiled/sgemm", "memory t/n"}
+    if npattn.bench.torch_available():
+        want |= {"tiled/torch", "naive/math", "mha/torch"} | ({"gpt/HF"} if npattn.bench.transformers_available() else set())
+    assert set(benches) == want and all(benches.count(b) == 2 for b in want)
+    for first, second in zip(rows[::2], rows[1::2]):
+        assert first["bench"] == second["bench"] and second["vs"] == 1.0
+        if first["bench"] == "tiled/sgemm":
+            assert 0 < first["vs"] < 1
+        elif first["bench"] == "memory t/n":
+            assert first["vs"] == pytest.approx(first["peak_mib"] / second["peak_mib"]) and 0 < first["vs"] < 1
+        else:
+            assert first["vs"] == pytest.approx(first["median_ms"] / second["median_ms"])
+    assert main(["bench", "--suite", "model", "--repeats", "1", "--json", str(path)]) == 0
+    assert {r["bench"] for r in json.loads(path.read_text())["rows"]} <= {"gpt/HF"}
+
+
 def test_bench_window_rows_count_only_the_band(tmp_path, capsys):
     path = tmp_path / "window.json"
     assert main(["bench", "--n", "64", "--dtype", "float32", "--causal", "yes", "--passes", "fwd", "--repeats", "1",
