@@ -33,7 +33,9 @@ Backward (derivations/05-flash-backward.md):
         dmask_ij += ds (summed to the mask's block),  ds *= 1 - tanh^2 (softcap)   eqs. (13.5)-(13.6)
         dq_i += scale * ds k_j,  dk_j += scale * ds^T q_i eq. (5.5)
     (the backward scales each query tile exactly as the forward did, so the recomputed scores are
-    bitwise the forward's and p <= 1; dq gets its scale once at the end)
+    bitwise the forward's and p <= 1; dq gets its scale once at the end. When one thread owns every
+    tile, the same sums run with the query tiles outside, in the same order: bitwise the same, with
+    q_i and dout_i / l scaled once per query tile)
 Sinks (derivations/15-sinks-varlen.md): the loop starts from the sink instead of from nothing,
 m_i = sink, l_i = 1, acc = 0 (eq. (15.2)); the backward's tile loop is unchanged and dsinks comes from
 O(N) row statistics, -sum over rows of p_sink * delta (eqs. (15.3)-(15.4)). Packed sequences run the
@@ -480,6 +482,31 @@ def _backward_loop(xp, q, k, v, dout_c, delta, shift, inv_l, sc: Scores, block_q
     n_dmask = 0 if not want_dmask else (1 if sc.mask.shape[-1] != 1 else len(shares))
     dmasks = [xp.zeros(tuple(sc.mask.shape), dtype=ct, device=device(q)) for _ in range(n_dmask)]
 
+    def step(i, cols, q_s, dout_l, dmask):
+        """One tile of eqs. (5.4)-(5.8): query tile ``i`` (scaled, and ``dout_i / l``) against the key
+        columns ``cols``; returns ``(dv_step, dk_step, dq_step)``, adds the tile's dmask block."""
+        rows, (_, _, m_i, delta_l, _) = t.rows[i], per_row[i]               # delta_l: delta_i / l
+        k_j, v_j = kc[..., cols[0]:cols[1], :], vc[..., cols[0]:cols[1], :]  # (..., G, bk', D|Dv)
+        s, tanh_s = t.scores(q_s @ k_j.mT, rows, cols)                      # (..., G, R*bq, bk')
+        s -= m_i                                                            # in place: this step's own array
+        p = exp_(xp, s)                                                     # eq. (5.8): p~ = exp(s - m) = l p, over s
+        dv_step = p.mT @ dout_l                                             # eqs. (5.5), (5.8): p^T dout
+        dp = dout_l @ v_j.mT                                                # (..., G, R*bq, bk'): dp / l
+        dp -= delta_l
+        dp *= p                                                             # in place: dp is our own array
+        ds = dp                                                             # eqs. (5.6), (5.8): p * (dp - delta_i)
+        del s, p                                                            # two tiles alive, not three
+        if dmask is not None:                                               # eq. (13.5): ds, summed to the mask
+            idx = t.mask_index(rows, cols)
+            ds5 = xp.reshape(ds, t.lead + (t.G, t.R, rows[1] - rows[0], cols[1] - cols[0]))
+            dmask[idx] = dmask[idx] + mask_grad_block(xp, sc, ds5, rows)
+        ds = softcap_backward(ds, tanh_s)                                   # eq. (13.6)
+        return dv_step, ds.mT @ q_s, ds @ k_j                               # eq. (5.5); q_s carries the scale
+
+    def scaled(i):                                    # q_i times the scale, bitwise the forward's tile, and
+        q_i, dout_i, _, _, inv_l_i = per_row[i]       # dout_i / l (eq. (5.8)): bq x D tiles
+        return q_i * scale, dout_i * inv_l_i
+
     def key_tiles(w, share):                          # key tiles own dk_j, dv_j; dq is shared: eq. (14.2)
         dq5, where = (dq_out, at) if w == 0 else (dq5s[w], (Ellipsis,))   # this share's dq, and its slice
         dmask = dmasks[min(w, len(dmasks) - 1)] if dmasks else None
@@ -489,27 +516,7 @@ def _backward_loop(xp, q, k, v, dout_c, delta, shift, inv_l, sc: Scores, block_q
             for i in t.query_tiles((j0, j1)):                               # the band's tiles only: eq. (13.4)
                 rows = t.rows[i]
                 cols = sc.band_cols(rows, (j0, j1))                         # and only the columns it lets through
-                k_j, v_j = kc[..., cols[0]:cols[1], :], vc[..., cols[0]:cols[1], :]  # (..., G, bk', D|Dv)
-                q_i, dout_i, m_i, delta_l, inv_l_i = per_row[i]            # delta_l: delta_i / l
-                q_s = q_i * scale                                           # the forward's scaled tile, bitwise
-                dout_l = dout_i * inv_l_i                                   # eq. (5.8): dout_i / l, bq x Dv
-                s, tanh_s = t.scores(q_s @ k_j.mT, rows, cols)              # (..., G, R*bq, bk)
-                s -= m_i                                                    # in place: this step's own array
-                p = exp_(xp, s)                                             # eq. (5.8): p~ = exp(s - m) = l p, over s
-                dv_step = p.mT @ dout_l                                     # eqs. (5.5), (5.8): p^T dout
-                dp = dout_l @ v_j.mT                                        # (..., G, R*bq, bk): dp / l
-                dp -= delta_l
-                dp *= p                                                     # in place: dp is our own array
-                ds = dp                                                     # eqs. (5.6), (5.8): p * (dp - delta_i)
-                del s, p                                                    # two tiles alive, not three
-                if dmask is not None:                                       # eq. (13.5): ds, summed to the mask
-                    idx = t.mask_index(rows, cols)
-                    ds5 = xp.reshape(ds, t.lead + (t.G, t.R, rows[1] - rows[0], cols[1] - cols[0]))
-                    block = mask_grad_block(xp, sc, ds5, rows)
-                    dmask[idx] = dmask[idx] + block
-                ds = softcap_backward(ds, tanh_s)                           # eq. (13.6)
-                dk_step = ds.mT @ q_s                                       # eq. (5.5); q_s carries the scale
-                dq_step = ds @ k_j                                          # (..., G, R*bq, D)     eq. (5.5)
+                dv_step, dk_step, dq_step = step(i, cols, *scaled(i), dmask)
                 if dk_j is None:
                     dk_j = xp.zeros(t.lead + (t.G, j1 - j0, D), dtype=ct, device=device(q))
                     dv_j = xp.zeros(t.lead + (t.G, j1 - j0, vc.shape[-1]), dtype=ct, device=device(q))
@@ -521,7 +528,27 @@ def _backward_loop(xp, q, k, v, dout_c, delta, shift, inv_l, sc: Scores, block_q
                 dk[at + (slice(j0, j1), slice(None))] = dk_j
                 dv[at + (slice(j0, j1), slice(None))] = dv_j
 
-    run_grid(key_tiles, shares)
+    def query_tiles():                                # one thread owns every tile: the same sums, in the same
+        dmask = dmasks[0] if dmasks else None         # order, with q_i and dout_i / l scaled once per query tile
+        for i, rows in enumerate(t.rows):
+            q_s, dout_l = scaled(i)
+            dq_i = None
+            for j in t.key_tiles(rows):                                     # the band's tiles only: eq. (13.4)
+                cols = sc.band_cols(rows, t.cols[j])
+                dv_step, dk_step, dq_step = step(i, cols, q_s, dout_l, dmask)
+                dv[at + (slice(cols[0], cols[1]), slice(None))] += dv_step  # dk_j, dv_j: summed over i in place
+                dk[at + (slice(cols[0], cols[1]), slice(None))] += dk_step
+                if dq_i is None:
+                    dq_i = dq_step
+                else:
+                    dq_i += dq_step                                         # dq_i: summed over j, kept here
+            if dq_i is not None:
+                dq_out[at + (slice(rows[0], rows[1]), slice(None))] = t.unsplit(dq_i, rows)
+
+    if len(shares) == 1:
+        query_tiles()
+    else:
+        run_grid(key_tiles, shares)
     for part in dq5s[1:]:                             # eq. (14.2): the shares' dq, summed in a fixed order
         dq_out[at] += part                            # in place into the output: no N x D temporary
     dq_out[at] *= scale                               # eq. (5.5): dq = scale * sum of ds k_j
