@@ -352,3 +352,34 @@ def test_backward_recomputes_the_forwards_scores_exactly(rng, size):
     assert all(np.isfinite(g).all() for g in grads)
     if size < 1e5:                                  # at 1e10, float32 scores themselves round past near-ties
         np.testing.assert_allclose(grads[2], truth[2], atol=2e-6)       # measured 3.3e-7; via lse: 9e-5
+
+
+@pytest.mark.parametrize("mask_kind", [None, "float"])
+def test_workers_over_slices_are_bitwise_the_one_worker_result(rng, mask_kind):
+    """With at least as many batch entries or kv groups as workers, each worker runs its own slices
+    (derivations/14-parallel-tiles.md, eq. (14.3)): every output, dq and dmask included, is bitwise
+    the one-worker result. One head falls back to sharing tiles: o, dk, dv bitwise, dq by rounding."""
+    for shape_q, shape_k in (((2, 4, 37, 5), (2, 2, 29, 5)), ((1, 1, 37, 5), (1, 1, 29, 5))):
+        q, k, v = rng.standard_normal(shape_q), rng.standard_normal(shape_k), rng.standard_normal(shape_k)
+        dout = rng.standard_normal(shape_q)
+        mask = None if mask_kind is None else rng.standard_normal((shape_q[1], 37, 29))
+        out = {}
+        for w in (1, 2):
+            o, cache = flash_attention_forward(q, k, v, mask=mask, causal=True, block_q=8, block_k=8, workers=w)
+            out[w] = (o,) + flash_attention_backward(dout, cache, mask_grad=mask is not None)
+        slices = shape_q[0] * shape_k[1] >= 2
+        for name, a, b in zip(("o", "dq", "dk", "dv", "dmask"), out[1], out[2]):
+            if slices or name != "dq":
+                assert np.array_equal(a, b), (shape_q, name)
+            else:
+                np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-14)
+
+
+def test_snake_shares_balance_causal_tiles():
+    """Causal query tile i has i + 1 key tiles; the snake gives both shares the same total."""
+    from npattn.ops.flash import _shares
+
+    shares = _shares(16, 2)
+    assert sorted(i for s in shares for i in s) == list(range(16))
+    assert [sum(i + 1 for i in s) for s in shares] == [68, 68]
+    assert _shares(5, 3) == [[0, 4], [1, 3], [2]] and _shares(1, 4) == [[0]]
