@@ -323,9 +323,11 @@ def blas_name() -> str:
         from threadpoolctl import threadpool_info
     except ImportError:
         return "unknown (no threadpoolctl)"
-    for info in threadpool_info():
-        if info.get("user_api") == "blas":
-            return f"{info.get('internal_api')} {info.get('version')} {info.get('architecture') or ''}".strip()
+    found = [info for info in threadpool_info() if info.get("user_api") == "blas"]
+    # SciPy (loaded by transformers, say) brings a BLAS of its own: NumPy's is the one in its wheel
+    found.sort(key=lambda info: "numpy" not in str(info.get("filepath", "")))
+    for info in found:
+        return f"{info.get('internal_api')} {info.get('version')} {info.get('architecture') or ''}".strip()
     return "unknown"
 
 
