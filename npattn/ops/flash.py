@@ -44,6 +44,7 @@ loop once per sequence, so only tiles inside some sequence's block are visited (
 
 from __future__ import annotations
 
+import math
 from typing import Callable, NamedTuple, Optional
 
 from ..backend import (
@@ -202,17 +203,25 @@ class _Tiles:
 # N=4096), and a second worker paid off only with at least two query tiles for each worker.
 DEFAULT_BLOCK = 256
 TILES_PER_WORKER = 2
+# With batch entries or kv groups to split (eq. (14.3)), every core from this many score entries
+# (B*H*N*M) up, whatever the tile count (benchmarks/RESULTS.md, "Close to the machine": 2 workers took
+# 0.65-0.74x the time of 1 at B=4, H=8, N=512, 2^23 entries; 0.73-1.36x at 2^19-2^22, this machine's noise).
+SLICE_THREADS_MIN_SCORES = 1 << 23
 
 
-def default_tiling(like, N: int, block_q, block_k, workers):
+def default_tiling(like, N: int, block_q, block_k, workers, *, slices: int = 1, scores: int = 0):
     """The tiled op's ``None`` arguments resolved for inputs like ``like`` (an array or a namespace):
-    ``block_q = block_k = DEFAULT_BLOCK`` and ``workers`` = the usable cores (host NumPy with
-    threadpoolctl; see ``backend.default_workers``) but no
-    more than ``ceil(N / block_q) // TILES_PER_WORKER``, at least 1. Explicit values are checked
-    and honored. Depends only on the shapes and the machine, so results are reproducible run to run."""
+    ``block_q = block_k = DEFAULT_BLOCK``, and ``workers`` = the usable cores (host NumPy with
+    threadpoolctl; see ``backend.default_workers``) when the workers can split ``slices >= 2`` batch
+    entries or kv groups (the widest such axis) and there are at least ``SLICE_THREADS_MIN_SCORES``
+    ``scores``; otherwise the cores but no more than ``ceil(N / block_q) // TILES_PER_WORKER``, at
+    least 1. Explicit values are checked and honored. Depends only on the shapes and the machine, so
+    results are reproducible run to run."""
     block_q = DEFAULT_BLOCK if block_q is None else check_block("block_q", block_q)
     block_k = DEFAULT_BLOCK if block_k is None else check_block("block_k", block_k)
-    if workers is None:
+    if workers is None and slices >= 2 and scores >= SLICE_THREADS_MIN_SCORES:
+        workers = default_workers(like)
+    elif workers is None:
         workers = max(1, min(default_workers(like), -(-N // block_q) // TILES_PER_WORKER))
     else:
         workers = check_workers(like, workers)
@@ -280,7 +289,9 @@ def flash_attention_forward(q, k, v, *, mask=None, causal=False, scale=None, sof
         return o, FlashCache(q=q, k=k, v=v, o=o, lse=lse, mask=None, causal=causal, scale=sc.scale,
                              block_q=block_q, block_k=block_k, workers=workers, sc=sc, shift=shift, inv_l=inv_l,
                              packed=[(rows, keys, c) for rows, keys, _, c in parts])
-    block_q, block_k, workers = default_tiling(q, q.shape[-2], block_q, block_k, workers)
+    block_q, block_k, workers = default_tiling(q, q.shape[-2], block_q, block_k, workers,
+                                               slices=max(tuple(q.shape[:-3]) + (G,), default=1),
+                                               scores=math.prod(q.shape[:-1]) * k.shape[-2])
     if q.ndim == 2:                                   # one head: run as (1, N, D) and drop the axis
         make_scores(xp, q, k, mask=mask, G=1, R=1, **variants)              # errors name the caller's 2-D shapes
         o, cache = flash_attention_forward(q[None, ...], k[None, ...], v[None, ...], mask=mask, block_q=block_q,

@@ -316,13 +316,19 @@ def test_against_torch_fused_kernel(rng):
 # --- defaults (issue 8): None resolves to the measured rule, and gives the naive op's numbers
 def test_default_tiling_rule():
     from npattn.backend import default_workers
-    from npattn.ops.flash import DEFAULT_BLOCK, TILES_PER_WORKER, default_tiling
+    from npattn.ops.flash import DEFAULT_BLOCK, SLICE_THREADS_MIN_SCORES, TILES_PER_WORKER, default_tiling
 
     cores = default_workers(np)
     assert default_tiling(np, 4096, None, None, None) == (DEFAULT_BLOCK, DEFAULT_BLOCK, min(cores, 16 // TILES_PER_WORKER))
     assert default_tiling(np, 512, None, None, None)[2] == 1                 # 2 query tiles: one worker
     assert default_tiling(np, 1024, None, None, None)[2] == min(cores, 2)
     assert default_tiling(np, 100, 7, 9, 3) == (7, 9, 3)                     # explicit values are honored
+    big = SLICE_THREADS_MIN_SCORES                                           # slices to split: every core
+    assert default_tiling(np, 512, None, None, None, slices=4, scores=big)[2] == cores
+    assert default_tiling(np, 512, None, None, None, slices=4, scores=big - 1)[2] == 1
+    assert default_tiling(np, 512, None, None, None, slices=1, scores=big)[2] == 1   # one head: tiles
+    q = np.zeros((4, 8, 512, 1), dtype=np.float32)                          # B*H*N*M = 2^23, two query tiles
+    assert flash_attention_forward(q, q, q)[1].workers == cores
 
 
 def test_defaults_equal_the_naive_op_and_are_reproducible(rng):
