@@ -85,7 +85,7 @@ class FlashCache(NamedTuple):
     scale: float
     block_q: int
     block_k: int
-    workers: int = 1  # the backward's default: threads for its outer (key tile) loop
+    workers: int = 1  # the backward's default: threads over slices of batch or kv groups, or over key tiles
     sc: object = None  # the score pipeline (ops/scores.py): mask, band, ALiBi, softcap
     shift: object = None  # (..., H, N) the row max m the forward subtracted (0 for rows that see no key)
     inv_l: object = None  # (..., H, N) 1 / l (0 for rows that see no key): p = exp(s - shift) * inv_l
@@ -249,13 +249,15 @@ def flash_attention_forward(q, k, v, *, mask=None, causal=False, scale=None, sof
         threads, key tiles in order within a query tile, query tiles interleaved. With packed
         sequences the tiles are each sequence's own, so ``i`` and ``j`` restart at 0 per sequence.
     workers : int >= 1 or None
-        Threads. With at least ``workers`` independent slices (batch entries, kv groups), each
-        thread runs the whole loop on its own slices (derivations/14-parallel-tiles.md, eq. (14.3));
-        with fewer (one head), the query tiles are shared, as FlashAttention-2 spreads them over
-        thread blocks (eq. (14.1)), and ``on_tile`` always shares tiles. Either way each query tile
+        Threads. With two or more independent slices along some batch axis or the kv groups, each
+        thread runs the whole loop on its own slices of the widest such axis (up to one thread per
+        slice; derivations/14-parallel-tiles.md, eq. (14.3)); with one (one head), the query tiles are
+        shared, as FlashAttention-2 spreads them over thread blocks (eq. (14.1)), and ``on_tile``
+        always shares tiles. Either way each query tile
         is computed exactly as with 1 worker, so ``o`` and ``lse`` are bitwise the same. More than 1 needs
-        threadpoolctl (BLAS runs single-threaded meanwhile) and host arrays. None: the cores, capped so each worker gets two query tiles
-        (``default_tiling``). Also the backward's default.
+        threadpoolctl (BLAS runs single-threaded meanwhile) and host arrays. None: the cores once
+        each worker gets two query tiles, or with slices from 2^23 score entries (``default_tiling``).
+        Also the backward's default.
 
     Returns
     -------
@@ -392,9 +394,10 @@ def flash_attention_backward(dout, cache: FlashCache, *, dlse=None, mask_grad: b
         Gradient flowing into ``cache.lse`` (e.g. from a loss that uses the log-partition);
         handled exactly: it shifts ``delta`` by ``-dlse`` (derivations/05-flash-backward.md, eq. (5.6)).
     workers : int >= 1, optional
-        Threads. With at least ``workers`` independent slices (batch entries, kv groups), each
-        thread runs the whole loop on its own slices (derivations/14-parallel-tiles.md, eq. (14.3)):
-        every gradient is bitwise the one-worker result. With fewer, the outer (key tile) loop is
+        Threads. With two or more independent slices (batch entries, kv groups), each thread runs
+        the whole loop on its own slices (derivations/14-parallel-tiles.md, eq. (14.3)): dq, dk, dv
+        are bitwise the one-worker result (a float mask broadcast across the split axis gets its
+        dmask summed per thread, so that one differs by rounding). With one slice, the outer (key tile) loop is
         shared, as FlashAttention-2 spreads key tiles over thread blocks; each share of key tiles
         adds into its own dq, and the shares are summed in a fixed order (eq. (14.2)), so results do
         not depend on timing. Defaults to the forward's ``workers``.

@@ -68,14 +68,14 @@ class Scores(NamedTuple):
 
     # --- the band of causal and the window: eqs. (13.3)-(13.4)
     def visible(self, rows, cols) -> bool:
-        """Some (i, j) of the tile is inside the band (and inside [0, M))."""
-        (i0, i1), (j0, j1) = rows, cols
-        below = self.hi is not None and j0 > i1 - 1 + self.hi          # the whole tile right of the band
-        above = self.lo is not None and j1 - 1 < i0 + self.lo          # the whole tile left of it
-        return not (below or above)
+        """Some (i, j) of the tile may be inside the band (and inside [0, M)): its columns cut to the
+        band (``band_cols``) are not empty. (With ``lo > hi``, causal and a window that exclude
+        each other, no row sees a key, and the cut is empty.)"""
+        c0, c1 = self.band_cols(rows, cols)
+        return c0 < c1
 
     def band_cols(self, rows, cols) -> tuple:
-        """The columns of a visible tile that some row of it may see: ``cols`` cut to
+        """The columns of a tile that some row of it may see: ``cols`` cut to
         ``[i0 + lo, i1 - 1 + hi]``. A causal tile whose query rows end halfway through its keys
         computes only the keys up to the last row's diagonal (eq. (13.4), column by column)."""
         (i0, i1), (j0, j1) = rows, cols
