@@ -376,16 +376,18 @@ def _timed(run, repeats: int) -> dict:
     return dict(median_ms=statistics.median(times), min_ms=min(times), max_ms=max(times))
 
 
-def _interleaved(first, second, repeats: int) -> tuple:
-    """Two runs timed alternately, ``repeats`` times each, after one warm-up each."""
-    first(), second()
-    times = ([], [])
+def _interleaved(*runs, repeats: int) -> list:
+    """Several runs timed in turn, ``repeats`` rounds after one warm-up each: a slow spell of a shared
+    machine hits them all."""
+    for run in runs:
+        run()
+    times = [[] for _ in runs]
     for _ in range(repeats):
-        for run, out in ((first, times[0]), (second, times[1])):
+        for run, out in zip(runs, times):
             t0 = time.perf_counter()
             run()
             out.append((time.perf_counter() - t0) * 1e3)
-    return tuple(dict(median_ms=statistics.median(t), min_ms=min(t), max_ms=max(t)) for t in times)
+    return [dict(median_ms=statistics.median(t), min_ms=min(t), max_ms=max(t)) for t in times]
 
 
 def _mha_runners(b, n, e, h, seed, causal=False):
@@ -486,7 +488,7 @@ def run_layers_bench(cfg: LayersConfig, progress=None) -> list[dict]:
         """npattn and its torch counterpart, interleaved run by run (so a slow spell of this shared
         machine hits both); ratio = npattn median / torch median."""
         if have_them:
-            mine, other = _interleaved(ours, theirs(), cfg.repeats)
+            mine, other = _interleaved(ours, theirs(), repeats=cfg.repeats)
         else:
             mine, other = _timed(ours, cfg.repeats), None
         ratio = mine["median_ms"] / other["median_ms"] if other else None
@@ -589,7 +591,7 @@ def run_beyond_bench(cfg: BeyondConfig, progress=None) -> list[dict]:
         for run in singles:
             run()
 
-    mine, theirs = _interleaved(packed, per_sequence, cfg.repeats)
+    mine, theirs = _interleaved(packed, per_sequence, repeats=cfg.repeats)
     emit("packed causal", setting, "tiled packed", mine, 1.0)
     emit("packed causal", setting, "tiled per seq.", theirs, theirs["median_ms"] / mine["median_ms"])
     if cfg.dense:
@@ -610,8 +612,8 @@ def run_beyond_bench(cfg: BeyondConfig, progress=None) -> list[dict]:
     sinks = pair(flash_attention_forward, flash_attention_backward, q, k, v, sinks=normal(b * h))
     one = np.array([0, n])
     varlen = pair(flash_attention_forward, flash_attention_backward, q, k, v, cu_seqlens_q=one, cu_seqlens_k=one)
-    base, with_sinks = _interleaved(plain, sinks, cfg.repeats)
-    _, with_varlen = _interleaved(plain, varlen, cfg.repeats)
+    base, with_sinks = _interleaved(plain, sinks, repeats=cfg.repeats)
+    _, with_varlen = _interleaved(plain, varlen, repeats=cfg.repeats)
     emit("tiled overhead", setting, "plain", base, 1.0)
     emit("tiled overhead", setting, "sinks", with_sinks, with_sinks["median_ms"] / base["median_ms"])
     emit("tiled overhead", setting, "cu_seqlens", with_varlen, with_varlen["median_ms"] / base["median_ms"])
@@ -630,7 +632,7 @@ def run_beyond_bench(cfg: BeyondConfig, progress=None) -> list[dict]:
     setting = f"B={b} H={h} M={m} page={page}"
     paged = pair(paged_attention_forward, paged_attention_backward, q, k_pages, v_pages, table, seqlens)
     gathered = pair(flash_attention_forward, flash_attention_backward, q, k_full, v_full)
-    mine, theirs = _interleaved(paged, gathered, cfg.repeats)
+    mine, theirs = _interleaved(paged, gathered, repeats=cfg.repeats)
     emit("paged decode", setting, "paged", mine, 1.0)
     emit("paged decode", setting, "tiled gathered", theirs, theirs["median_ms"] / mine["median_ms"])
     if cfg.memory:                            # the forward's extra memory: one page per sequence at a time
@@ -679,20 +681,6 @@ class MachineConfig:
     seed: int = 0
 
 
-def _interleaved_many(runs: list, repeats: int) -> list:
-    """Several runs timed in turn, ``repeats`` rounds after one warm-up each: a slow spell of a shared
-    machine hits them all."""
-    for run in runs:
-        run()
-    times = [[] for _ in runs]
-    for _ in range(repeats):
-        for run, out in zip(runs, times):
-            t0 = time.perf_counter()
-            run()
-            out.append((time.perf_counter() - t0) * 1e3)
-    return [dict(median_ms=statistics.median(t), min_ms=min(t), max_ms=max(t)) for t in times]
-
-
 def _attention_runner(impl, q, k, v, dout, causal=False):
     """fwd+bwd of one implementation with its default arguments: ``naive``, ``tiled`` (npattn) or
     ``torch`` (fused SDPA), ``torch-math`` (SDPA's MATH backend)."""
@@ -727,7 +715,7 @@ def run_machine_bench(cfg: MachineConfig, progress=None) -> list[dict]:
         args, setting = inputs(b, h, n, d), f"B={b} H={h} N={n} D={d}"
         names = ["tiled", "naive", "tiled causal"] + (["torch"] if have_torch else [])
         runs = [_attention_runner(x.split()[0], *args, causal=x.endswith("causal")) for x in names]
-        timing = dict(zip(names, _interleaved_many(runs, cfg.repeats)))
+        timing = dict(zip(names, _interleaved(*runs, repeats=cfg.repeats)))
         if have_torch:
             pair("tiled/torch", setting, ("tiled", timing["tiled"]), ("torch fused", timing["torch"]))
         pair("tiled/naive", setting, ("tiled", timing["tiled"]), ("naive", timing["naive"]))
@@ -743,18 +731,18 @@ def run_machine_bench(cfg: MachineConfig, progress=None) -> list[dict]:
     if "math" in cfg.parts and have_torch:
         b, h, n, d = cfg.math
         args = inputs(b, h, n, d)
-        mine, theirs = _interleaved_many([_attention_runner("naive", *args), _attention_runner("torch-math", *args)],
-                                         cfg.repeats)
+        mine, theirs = _interleaved(_attention_runner("naive", *args), _attention_runner("torch-math", *args),
+                                    repeats=cfg.repeats)
         pair("naive/math", f"B={b} H={h} N={n} D={d}", ("naive", mine), ("torch MATH", theirs))
     if "mha" in cfg.parts and have_torch:
         b, n, e, h = cfg.mha
         ours, theirs = _mha_runners(b, n, e, h, cfg.seed, causal=True)
-        mine, other = _interleaved_many([ours("naive"), theirs()], cfg.repeats)
+        mine, other = _interleaved(ours("naive"), theirs(), repeats=cfg.repeats)
         pair("mha/torch", f"B={b} N={n} E={e} H={h} causal", ("npattn MHA", mine), ("torch MHA", other))
     if "gpt" in cfg.parts and have_torch and transformers_available():
         L, e, h, v, b, n = cfg.gpt
         ours, theirs = _gpt_runners(L, e, h, v, b, n, cfg.seed)
-        mine, other = _interleaved_many([ours(), theirs()], cfg.repeats)
+        mine, other = _interleaved(ours(), theirs(), repeats=cfg.repeats)
         pair("gpt/HF", f"L={L} E={e} H={h} V={v} B={b} N={n}", ("npattn GPT", mine), ("HF GPT-2", other))
     if "memory" in cfg.parts and cfg.memory:
         b, h, n, d = cfg.peak
